@@ -1,0 +1,154 @@
+"""The one entry point every script calls: compose -> build -> run a task -> evaluate -> log.
+
+An entry script is ``@hydra.main(...) def main(cfg): return run(cfg)``. The root config names its task
+(``task: train``), implemented by ``mergelab.tasks.<task>.run(ctx)``, which returns a results dict; the runner owns
+everything around it: device, seeding, the run folder, TensorBoard, ``results.json``, the printed table, the
+objective returned to a sweeper, and turning bad input into a one-line error.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from mergelab.checkpoints import write_json
+from mergelab.errors import UserError
+from mergelab.reporting import RunLogger, format_table
+from mergelab.training import STATE_FILE
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use device=auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    return device
+
+
+def hydra_output_dir() -> Path | None:
+    return Path(HydraConfig.get().runtime.output_dir) if HydraConfig.initialized() else None
+
+
+def is_multirun() -> bool:
+    return HydraConfig.initialized() and str(HydraConfig.get().mode) == "RunMode.MULTIRUN"
+
+
+@dataclass
+class Context:
+    """What a task gets: the config, the device, its run folder and logger, and builders that read the config."""
+
+    cfg: DictConfig
+    run_dir: Path
+    device: torch.device
+    logger: RunLogger | None = None
+    _data: dict = field(default_factory=dict)
+
+    def open_logger(self, purge_step: int | None = None) -> RunLogger:
+        """TensorBoard events in the run folder (``purge_step`` drops an interrupted run's later events)."""
+        if self.logger is None:
+            self.logger = RunLogger(self.run_dir, purge_step=purge_step)
+        return self.logger
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    def data(self, dataset_cfg: DictConfig | None = None):
+        """The data set of ``cfg.dataset`` (or ``dataset_cfg``), built once per config."""
+        from mergelab.data import build_data
+
+        dataset_cfg = dataset_cfg if dataset_cfg is not None else self.cfg.dataset
+        key = OmegaConf.to_yaml(dataset_cfg)
+        if key not in self._data:
+            train = self.cfg.train
+            self._data[key] = build_data(dataset_cfg, batch_size=train.batch_size,
+                                         eval_batch_size=train.eval_batch_size, seed=self.seed, device=self.device)
+        return self._data[key]
+
+    def build_model(self, data, model_cfg: DictConfig | None = None) -> nn.Module:
+        """A freshly initialised model for ``data``'s shape, on the device (weights drawn from the global seed)."""
+        from mergelab.models import build_model
+
+        model_cfg = model_cfg if model_cfg is not None else self.cfg.model
+        return build_model(model_cfg, data.num_classes, data.in_channels, data.image_size).to(self.device)
+
+    def model_meta(self, data, model_cfg: DictConfig | None = None) -> dict[str, Any]:
+        """What a checkpoint needs to rebuild its model and to know what it was trained on."""
+        model_cfg = model_cfg if model_cfg is not None else self.cfg.model
+        return {
+            "model": OmegaConf.to_container(model_cfg, resolve=True),
+            "num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
+            "dataset": {"name": data.name, "classes": list(data.classes)},
+            "task": self.cfg.task, "seed": self.seed,
+        }
+
+
+def resume_dir(cfg: DictConfig) -> Path | None:
+    """``resume=<run folder>`` continues that run in its own folder; ``resume=true`` resumes in place."""
+    resume = cfg.get("resume")
+    if resume in (None, False, True):
+        return None
+    folder = Path(str(resume))
+    if not (folder / "checkpoints" / STATE_FILE).is_file():
+        raise UserError(f"invalid resume folder {folder}: no checkpoints/{STATE_FILE} in it; "
+                        "pass the run folder of an interrupted run (the one holding .hydra/ and checkpoints/)")
+    return folder
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Run ``cfg.task``; return the metric named by ``cfg.objective`` (for sweepers), or None.
+
+    A :class:`UserError` ends a single run with ``error: <message>`` and exit status 2. In a multirun it is
+    re-raised so that the launcher or sweeper records that job as failed and goes on with the others.
+    """
+    try:
+        return _run(cfg)
+    except UserError as exc:
+        if is_multirun():
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _run(cfg: DictConfig) -> float | None:
+    start = time.perf_counter()
+    run_dir = resume_dir(cfg) or (Path(cfg.out_dir) if cfg.get("out_dir") else hydra_output_dir())
+    if run_dir is None:
+        raise UserError("no run folder: call through a Hydra entry script or set out_dir=<folder>")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(int(cfg.seed))
+    try:
+        task = importlib.import_module(f"mergelab.tasks.{cfg.task}")
+    except ModuleNotFoundError:
+        raise UserError(f"unknown task {cfg.task!r}; see src/mergelab/tasks/ for the tasks") from None
+    ctx = Context(cfg=cfg, run_dir=run_dir, device=device)
+    results = task.run(ctx)
+    if ctx.logger:
+        ctx.logger.close()
+    results["time_s"] = time.perf_counter() - start
+    results["config"] = OmegaConf.to_container(cfg, resolve=True)
+    write_json(ctx.run_dir / "results.json", results)
+    if results.get("table"):
+        print(format_table(results["table"]))
+    print(f"results: {ctx.run_dir / 'results.json'}")
+    objective = cfg.get("objective")
+    if objective:
+        metrics = results.get("metrics", {})
+        if objective not in metrics:
+            raise UserError(f"objective {objective!r} is not a metric of this run; choose one of {sorted(metrics)}")
+        return float(metrics[objective])
+    return None

@@ -1,0 +1,1 @@
+"""One module per entry script; each defines ``run(ctx) -> results dict`` (see :mod:`mergelab.runner`)."""

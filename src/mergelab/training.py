@@ -1,0 +1,243 @@
+"""The shared training loop: steps, EMA, per-epoch evaluation, checkpoints and exact resume.
+
+Used by train.py, finetune.py, ema.py and by retraining after a merge. Reproducibility contract: the batches of
+epoch ``e`` are a pure function of ``(seed, e)`` (see :mod:`mergelab.data`), every other random state is saved in
+the checkpoint at the end of each epoch, so a run resumed from any epoch ends with bit-identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from mergelab.checkpoints import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
+from mergelab.ema import EMA, decay_label
+from mergelab.errors import UserError
+from mergelab.evaluation import evaluate, has_batchnorm, recalibrate_bn
+from mergelab.reporting import RunLogger
+
+STATE_FILE = "state.safetensors"
+# Config sections that must agree between an interrupted run and its resumption.
+RESUME_KEYS = ("dataset", "model", "optimizer", "scheduler", "train", "ema", "seed")
+
+
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """``cfg`` is a partial optimizer config (``_target_: torch.optim.SGD``, ``_partial_: true``, ...)."""
+    return instantiate(cfg)(model.parameters())
+
+
+def build_scheduler(cfg: DictConfig, optimizer, total_steps: int, steps_per_epoch: int):
+    return instantiate(cfg, optimizer=optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+
+def ema_decays(cfg: DictConfig) -> list[float]:
+    """The decays to track: ``averaged.decay`` (the EMA study's override name) wins over ``ema.decays``."""
+    single = OmegaConf.select(cfg, "averaged.decay")
+    if single is not None:
+        return [float(single)]
+    return [float(d) for d in (OmegaConf.select(cfg, "ema.decays") or [])]
+
+
+def train_step(model, x, y, optimizer, scheduler, *, label_smoothing: float, grad_clip: float | None, autocast):
+    """One optimiser step; returns the (detached) loss."""
+    with autocast:
+        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return loss.detach()
+
+
+class Trainer:
+    """Trains ``model`` on ``data`` as configured by ``cfg`` (sections train, optimizer, scheduler, ema, seed).
+
+    Checkpoints go to ``ckpt_dir``: ``last`` and ``best`` (raw model, by validation accuracy), one file per EMA
+    decay at the end, and ``state.safetensors`` holding everything needed to resume. ``meta`` is stored in every
+    checkpoint (the runner puts the model config and data shape there so later scripts can rebuild the model).
+    """
+
+    def __init__(self, model: nn.Module, data, cfg: DictConfig, ckpt_dir: str | Path, logger: RunLogger | None,
+                 meta: dict | None = None, prefix: str = ""):
+        self.model, self.data, self.cfg = model, data, cfg
+        self.tcfg = cfg.train
+        self.ckpt_dir = Path(ckpt_dir)
+        self.logger, self.meta, self.prefix = logger, dict(meta or {}), prefix
+        self.device = next(model.parameters()).device
+        self.steps_per_epoch = len(data.train)
+        self.total_steps = self.tcfg.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(cfg.optimizer, model)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, self.total_steps, self.steps_per_epoch)
+        decays = ema_decays(cfg)
+        ema_cfg = cfg.get("ema") or {}
+        self.ema = EMA(model, decays, warmup=ema_cfg.get("warmup", False), buffers=ema_cfg.get("buffers", "average")) if decays else None
+        self.recompute_bn = bool(ema_cfg.get("recompute_bn", False)) and has_batchnorm(model)
+        self._eval_model = copy.deepcopy(model) if self.ema else None
+        self.epoch, self.step = 0, 0
+        self.best_val = -math.inf
+        self.history: list[dict[str, float]] = []
+        use_bf16 = self.tcfg.get("precision", "fp32") == "bf16" and self.device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> dict[str, Any]:
+        log_every = int(self.tcfg.get("log_every", 50))
+        for epoch in range(self.epoch, self.tcfg.epochs):
+            self.model.train()
+            self.data.train.set_epoch(epoch)
+            running, count = torch.zeros((), device=self.device), 0
+            bar = tqdm(self.data.train, desc=f"{self.prefix}epoch {epoch + 1}/{self.tcfg.epochs}", leave=False,
+                       disable=not self.tcfg.get("progress", True), mininterval=0.5)
+            for x, y in bar:
+                loss = train_step(self.model, x, y, self.optimizer, self.scheduler,
+                                  label_smoothing=self.tcfg.label_smoothing, grad_clip=self.tcfg.grad_clip,
+                                  autocast=self.autocast)
+                if self.ema:
+                    self.ema.update()
+                self.step += 1
+                running += loss
+                count += 1
+                # One host sync per `log_every` steps: checks divergence and feeds the logs.
+                if self.step % log_every == 0:
+                    mean = self._check_finite(running / count, epoch)
+                    bar.set_postfix(loss=f"{mean:.3f}")
+                    self._log({"loss": mean, "lr": self.scheduler.get_last_lr()[0]}, prefix="train")
+                    running, count = torch.zeros((), device=self.device), 0
+            if count:
+                self._check_finite(running / count, epoch)
+            self.epoch = epoch + 1
+            record = {"epoch": self.epoch, "step": self.step, **self.evaluate_all()}
+            self.history.append(record)
+            self._log({k: v for k, v in record.items() if "/" in k})
+            self._save_epoch(record)
+            if on_epoch_end:
+                on_epoch_end(self)
+        self._save_ema()
+        return {"history": self.history, "final": self.history[-1] if self.history else {},
+                "best_val_acc": self.best_val, "steps": self.step}
+
+    def _check_finite(self, mean_loss: torch.Tensor, epoch: int) -> float:
+        value = mean_loss.item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"training diverged: loss is {value} at epoch {epoch + 1}, step {self.step}; "
+                f"lower optimizer.lr (now {self.cfg.optimizer.lr}) or set train.grad_clip"
+            )
+        return value
+
+    def _log(self, values: dict[str, float], prefix: str = "") -> None:
+        if self.logger:
+            self.logger.scalars(f"{self.prefix}{prefix}".strip("/"), values, self.step)
+
+    # ---------------------------------------------------------------- evaluation
+    def averaged_models(self):
+        """Yield ``(name, model)`` for the raw model and every EMA (and EMA with recomputed BatchNorm)."""
+        yield "raw", self.model
+        if not self.ema:
+            return
+        for i, decay in enumerate(self.ema.decays):
+            self._eval_model.load_state_dict(self.ema.state_dict_for(i))
+            yield decay_label(decay), self._eval_model
+            if self.recompute_bn:
+                recalibrate_bn(self._eval_model, self.data.train_eval)
+                yield decay_label(decay) + "+bn", self._eval_model
+
+    def evaluate_all(self) -> dict[str, float]:
+        """``{"<model>/<split>_<metric>": value}`` for every model of :meth:`averaged_models` on val and test."""
+        out = {}
+        for name, model in self.averaged_models():
+            for split in ("val", "test"):
+                for metric, value in evaluate(model, getattr(self.data, split)).items():
+                    out[f"{name}/{split}_{metric}"] = value
+        return out
+
+    # ---------------------------------------------------------------- checkpoints and resume
+    def _model_meta(self, record: dict) -> dict:
+        return {**self.meta, "epoch": self.epoch, "step": self.step, "metrics": record}
+
+    def _save_epoch(self, record: dict) -> None:
+        weights = self.model.state_dict()
+        save_checkpoint(self.ckpt_dir / "last.safetensors", weights, self._model_meta(record))
+        val = record.get("raw/val_acc", -math.inf)
+        if val > self.best_val:
+            self.best_val = val
+            save_checkpoint(self.ckpt_dir / "best.safetensors", weights, self._model_meta(record))
+        self._save_state()
+
+    def _save_ema(self) -> None:
+        for i, decay in enumerate(self.ema.decays if self.ema else []):
+            save_checkpoint(self.ckpt_dir / f"{decay_label(decay)}.safetensors", self.ema.state_dict_for(i),
+                            {**self._model_meta(self.history[-1] if self.history else {}), "ema_decay": decay})
+
+    def _save_state(self) -> None:
+        opt_tensors, opt_skeleton = flatten_state(self.optimizer.state_dict(), "optimizer")
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update(opt_tensors)
+        tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        if self.ema:
+            tensors.update(self.ema.tensors())
+        meta = {
+            **self.meta,
+            "epoch": self.epoch, "step": self.step, "best_val": self.best_val, "history": self.history,
+            "optimizer": opt_skeleton, "scheduler": self.scheduler.state_dict(),
+            "ema_step": self.ema.step if self.ema else 0,
+            "resume_config": resume_fingerprint(self.cfg),
+        }
+        save_checkpoint(self.ckpt_dir / STATE_FILE, tensors, meta)
+
+    def load_state(self, path: str | Path) -> None:
+        """Restore everything :meth:`_save_state` wrote; refuse a folder trained with another config."""
+        tensors, meta = load_checkpoint(path, device=self.device)
+        mismatch = config_mismatch(meta.get("resume_config", {}), resume_fingerprint(self.cfg))
+        if mismatch:
+            raise UserError(f"cannot resume from {path}: it was trained with {mismatch}; "
+                            "resume with the original settings or start a new run")
+        self.model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.optimizer.load_state_dict(unflatten_state(tensors, meta["optimizer"]))
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if self.ema:
+            self.ema.load_tensors(tensors, meta["ema_step"])
+        torch.set_rng_state(tensors["rng.cpu"].cpu())
+        cuda_states = [tensors[k].cpu() for k in sorted(tensors) if k.startswith("rng.cuda.")]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        self.epoch, self.step = meta["epoch"], meta["step"]
+        self.best_val, self.history = meta["best_val"], meta["history"]
+
+
+def resume_fingerprint(cfg: DictConfig) -> dict:
+    """The config sections that determine a training trajectory, as plain data."""
+    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
+            for k in RESUME_KEYS if k in cfg}
+
+
+def config_mismatch(saved: dict, current: dict, path: str = "") -> str | None:
+    """The first setting that differs, as ``"key=saved (now current)"``, or None."""
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        name = f"{path}.{key}" if path else key
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = config_mismatch(a, b, name)
+            if found:
+                return found
+        elif a != b:
+            return f"{name}={a} (now {b})"
+    return None
