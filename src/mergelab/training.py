@@ -89,6 +89,7 @@ class Trainer:
         self.ema = EMA(model, decays, warmup=ema_cfg.get("warmup", False), buffers=ema_cfg.get("buffers", "average")) if decays else None
         self.recompute_bn = bool(ema_cfg.get("recompute_bn", False)) and has_batchnorm(model)
         self._eval_model = copy.deepcopy(model) if self.ema else None
+        self.progress = bool(cfg.get("progress", True))
         self.epoch, self.step = 0, 0
         self.best_val = -math.inf
         self.history: list[dict[str, float]] = []
@@ -97,30 +98,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def fit(self, on_epoch_end: Callable[["Trainer"], None] | None = None) -> dict[str, Any]:
-        log_every = int(self.tcfg.get("log_every", 50))
+        """Train from the current epoch to ``train.epochs``, evaluating and checkpointing after each epoch."""
         for epoch in range(self.epoch, self.tcfg.epochs):
-            self.model.train()
-            self.data.train.set_epoch(epoch)
-            running, count = torch.zeros((), device=self.device), 0
-            bar = tqdm(self.data.train, desc=f"{self.prefix}epoch {epoch + 1}/{self.tcfg.epochs}", leave=False,
-                       disable=not self.tcfg.get("progress", True), mininterval=0.5)
-            for x, y in bar:
-                loss = train_step(self.model, x, y, self.optimizer, self.scheduler,
-                                  label_smoothing=self.tcfg.label_smoothing, grad_clip=self.tcfg.grad_clip,
-                                  autocast=self.autocast)
-                if self.ema:
-                    self.ema.update()
-                self.step += 1
-                running += loss
-                count += 1
-                # One host sync per `log_every` steps: checks divergence and feeds the logs.
-                if self.step % log_every == 0:
-                    mean = self._check_finite(running / count, epoch)
-                    bar.set_postfix(loss=f"{mean:.3f}")
-                    self._log({"loss": mean, "lr": self.scheduler.get_last_lr()[0]}, prefix="train")
-                    running, count = torch.zeros((), device=self.device), 0
-            if count:
-                self._check_finite(running / count, epoch)
+            self.train_epoch(epoch)
             self.epoch = epoch + 1
             record = {"epoch": self.epoch, "step": self.step, **self.evaluate_all()}
             self.history.append(record)
@@ -131,6 +111,32 @@ class Trainer:
         self._save_ema()
         return {"history": self.history, "final": self.history[-1] if self.history else {},
                 "best_val_acc": self.best_val, "steps": self.step}
+
+    def train_epoch(self, epoch: int) -> None:
+        """One pass over the training batches of ``epoch``: optimiser steps, EMA updates, loss logs."""
+        log_every = int(self.tcfg.get("log_every", 50))
+        self.model.train()
+        self.data.train.set_epoch(epoch)
+        running, count = torch.zeros((), device=self.device), 0
+        bar = tqdm(self.data.train, desc=f"{self.prefix}epoch {epoch + 1}/{self.tcfg.epochs}", leave=False,
+                   disable=not self.progress, mininterval=0.5)
+        for x, y in bar:
+            loss = train_step(self.model, x, y, self.optimizer, self.scheduler,
+                              label_smoothing=self.tcfg.label_smoothing, grad_clip=self.tcfg.grad_clip,
+                              autocast=self.autocast)
+            if self.ema:
+                self.ema.update()
+            self.step += 1
+            running += loss
+            count += 1
+            # One host sync per `log_every` steps: checks divergence and feeds the logs.
+            if self.step % log_every == 0:
+                mean = self._check_finite(running / count, epoch)
+                bar.set_postfix(loss=f"{mean:.3f}")
+                self._log({"loss": mean, "lr": self.scheduler.get_last_lr()[0]}, prefix="train")
+                running, count = torch.zeros((), device=self.device), 0
+        if count:
+            self._check_finite(running / count, epoch)
 
     def _check_finite(self, mean_loss: torch.Tensor, epoch: int) -> float:
         value = mean_loss.item()

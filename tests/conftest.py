@@ -1,0 +1,34 @@
+"""Shared fixtures: composing the real configs and running tasks in-process on digits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+
+def make_cfg(config_name: str, overrides: list[str] = (), out_dir: Path | None = None):
+    """Compose ``conf/<config_name>.yaml`` exactly as the entry script would, plus overrides."""
+    extra = [f"out_dir={out_dir}", "progress=false"] if out_dir is not None else ["progress=false"]
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose(config_name, overrides=[*overrides, *extra])
+
+
+def run_script(script: str, *args: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:
+    """Run an entry script in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def cfg_factory(tmp_path):
+    return lambda name, overrides=(): make_cfg(name, list(overrides), tmp_path)
