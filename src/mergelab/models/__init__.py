@@ -1,0 +1,57 @@
+"""Model families and their unit graphs.
+
+The front door is :func:`build_model`: every ``conf/model/*.yaml`` names a factory in ``_target_`` that takes
+``num_classes``, ``in_channels`` and ``image_size`` plus its own options. Every model is an
+:class:`~mergelab.models.base.ImageClassifier` (``forward_features``/``forward_head``, ``classifier_name``,
+``arch``); :func:`unit_graph` gives the permutation structure that alignment-based merging needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import hydra.utils
+from hydra.errors import InstantiationException
+from torch import nn
+
+from mergelab.errors import UserError
+from mergelab.models.base import ALIGNABLE, ImageClassifier
+from mergelab.models.graph import (Layer, UnitGraph, apply_permutation, check_compatible, check_graph,
+                                   random_permutation)
+from mergelab.models.mlp import MLPNet
+from mergelab.models.resnet import ResNet, resnet18, resnet20
+from mergelab.models.timm_model import TimmModel
+from mergelab.models.vgg import VGG, vgg11
+
+__all__ = ["ALIGNABLE", "ImageClassifier", "Layer", "MLPNet", "ResNet", "TimmModel", "UnitGraph", "VGG",
+           "apply_permutation", "build_model", "check_compatible", "check_graph", "random_permutation",
+           "resnet18", "resnet20", "unit_graph", "vgg11"]
+
+
+def build_model(model_cfg: Mapping[str, Any], num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """``hydra.utils.instantiate(model_cfg, num_classes=..., in_channels=..., image_size=...)``.
+
+    Initial weights come from the caller's torch seed. Bad options and model errors become one-line
+    :class:`UserError`s.
+    """
+    if "_target_" not in model_cfg:
+        raise UserError("the model config has no _target_; pick one with model=<name> (conf/model/*.yaml)")
+    try:
+        return hydra.utils.instantiate(model_cfg, num_classes=num_classes, in_channels=in_channels,
+                                       image_size=image_size)
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
+            raise UserError(f"model config of {model_cfg['_target_']}: {cause}") from error
+        if isinstance(cause, ImportError):
+            raise UserError(f"model config: cannot find _target_ {model_cfg['_target_']}") from error
+        raise
+
+
+def unit_graph(model: nn.Module) -> UnitGraph:
+    """The :class:`UnitGraph` of a mergelab model; :class:`UserError` for families that have none (timm)."""
+    if not isinstance(model, ImageClassifier):
+        raise UserError(f"merging by alignment supports {', '.join(ALIGNABLE)}; got {type(model).__name__}")
+    return model.unit_graph()
