@@ -4,6 +4,12 @@
 same run. All decays are updated by a single ``torch._foreach_lerp_`` over the concatenated tensor lists, so the
 cost per step is one fused kernel sweep, not a Python loop over parameters (timm's ModelEmaV3 does the same for one
 decay).
+
+Optionally the same sweep also keeps a uniform *tail average* (the SWA-style baseline of Izmailov et al., 2018,
+here over every step rather than every epoch): from step ``tail_start`` on, the equal-weight mean of the weights
+after each step. It is one more entry in the lerp with weight ``1 / (n + 1)`` at its ``n``-th folded step, which is
+exactly the running mean ``mean_n+1 = mean_n + (w - mean_n) / (n + 1)``; before ``tail_start`` its weight is 1, so
+it follows the live weights and starts from them.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import torch
 from torch import nn
 
 BUFFER_MODES = ("average", "copy")
+TAIL_LABEL = "tail"
 
 
 class EMA:
@@ -27,15 +34,22 @@ class EMA:
             ``"average"`` averages them like weights; ``"copy"`` copies the live model's. Integer buffers
             (``num_batches_tracked``) are always copied. Either way, :func:`mergelab.evaluation.recalibrate_bn`
             can recompute the statistics for the averaged weights before evaluation.
+        tail_start: if not None, also keep the uniform average of the weights after every step from this
+            (0-based) optimiser step on; it is the last average, after the decays, labelled ``tail``.
     """
 
-    def __init__(self, model: nn.Module, decays: Iterable[float], warmup: bool = False, buffers: str = "average"):
+    def __init__(self, model: nn.Module, decays: Iterable[float], warmup: bool = False, buffers: str = "average",
+                 tail_start: int | None = None):
         self.decays = [float(d) for d in decays]
         if not all(0.0 <= d < 1.0 for d in self.decays):
             raise ValueError(f"EMA decays must lie in [0, 1), got {self.decays}")
         if buffers not in BUFFER_MODES:
             raise ValueError(f"ema buffers must be one of {BUFFER_MODES}, got {buffers!r}")
+        if tail_start is not None and tail_start < 0:
+            raise ValueError(f"tail_start must be a step >= 0, got {tail_start}")
         self.warmup = warmup
+        self.tail_start = tail_start
+        self.labels = [decay_label(d) for d in self.decays] + ([TAIL_LABEL] if tail_start is not None else [])
         self.step = 0
         state = model.state_dict(keep_vars=True)
         param_names = {name for name, _ in model.named_parameters()}
@@ -45,22 +59,28 @@ class EMA:
         self.copy_keys = [k for k in self.keys if k not in set(self.avg_keys)]
         self._sources = [state[k].detach() for k in self.avg_keys]
         self._copy_sources = [state[k].detach() for k in self.copy_keys]
-        self.shadows = [[t.clone() for t in self._sources] for _ in self.decays]
-        self.copies = [[t.clone() for t in self._copy_sources] for _ in self.decays]
-        # One flat list over all decays so that one foreach call updates everything.
+        self.shadows = [[t.clone() for t in self._sources] for _ in self.labels]
+        self.copies = [[t.clone() for t in self._copy_sources] for _ in self.labels]
+        # One flat list over all averages so that one foreach call updates everything.
         self._flat_shadows = [t for shadow in self.shadows for t in shadow]
-        self._flat_sources = self._sources * len(self.decays)
+        self._flat_sources = self._sources * len(self.labels)
         self._flat_copies = [t for copy in self.copies for t in copy]
-        self._flat_copy_sources = self._copy_sources * len(self.decays)
+        self._flat_copy_sources = self._copy_sources * len(self.labels)
 
     def decay_at(self, decay: float, step: int) -> float:
         """The decay used for the update that follows optimiser step ``step`` (0-based)."""
         return min(decay, (1 + step) / (10 + step)) if self.warmup else decay
 
+    def tail_weight_at(self, step: int) -> float:
+        """The lerp weight of the tail average for the update that follows step ``step``: ``1 / (n + 1)``."""
+        return 1.0 / (max(step - self.tail_start, 0) + 1)
+
     @torch.no_grad()
     def update(self) -> None:
         """Fold the live model's current weights into every average."""
         weights = [1.0 - self.decay_at(d, self.step) for d in self.decays]
+        if self.tail_start is not None:
+            weights.append(self.tail_weight_at(self.step))
         per_tensor = [w for w in weights for _ in self._sources]
         if self._flat_shadows:
             torch._foreach_lerp_(self._flat_shadows, self._flat_sources, per_tensor)
@@ -69,7 +89,10 @@ class EMA:
         self.step += 1
 
     def state_dict_for(self, index: int) -> dict[str, torch.Tensor]:
-        """The averaged model for ``decays[index]`` as a model state dict (shares memory with the average)."""
+        """The averaged model ``labels[index]`` as a model state dict (shares memory with the average).
+
+        Indices ``0 .. len(decays) - 1`` are the decays in order; the tail average, when kept, comes last.
+        """
         state = dict(zip(self.avg_keys, self.shadows[index]))
         state.update(zip(self.copy_keys, self.copies[index]))
         return {k: state[k] for k in self.keys}
@@ -77,13 +100,13 @@ class EMA:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every average as flat named tensors, for checkpoints (see :meth:`load_tensors`)."""
         out = {}
-        for i in range(len(self.decays)):
+        for i in range(len(self.labels)):
             out.update({f"ema.{i}.{k}": v for k, v in self.state_dict_for(i).items()})
         return out
 
     @torch.no_grad()
     def load_tensors(self, tensors: dict[str, torch.Tensor], step: int) -> None:
-        for i in range(len(self.decays)):
+        for i in range(len(self.labels)):
             for k, dst in self.state_dict_for(i).items():
                 dst.copy_(tensors[f"ema.{i}.{k}"])
         self.step = step

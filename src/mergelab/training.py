@@ -21,7 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from mergelab.checkpoints import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
-from mergelab.ema import EMA, decay_label
+from mergelab.ema import EMA
 from mergelab.errors import UserError
 from mergelab.evaluation import evaluate, has_batchnorm, recalibrate_bn
 from mergelab.reporting import RunLogger
@@ -50,6 +50,15 @@ def ema_decays(cfg: DictConfig) -> list[float]:
     if single is not None:
         return [float(single)]
     return [float(d) for d in (OmegaConf.select(cfg, "ema.decays") or [])]
+
+
+def tail_start_step(tail: float | None, total_steps: int) -> int | None:
+    """``ema.tail``: the uniform tail average starts after this fraction of all steps (null = no tail average)."""
+    if tail is None:
+        return None
+    if not 0.0 <= float(tail) < 1.0:
+        raise UserError(f"ema.tail={tail} must be a fraction of training in [0, 1), e.g. ema.tail=0.75, or null")
+    return int(round(float(tail) * total_steps))
 
 
 def train_step(model, x, y, optimizer, scheduler, *, label_smoothing: float, grad_clip: float | None, autocast):
@@ -86,7 +95,9 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, self.total_steps, self.steps_per_epoch)
         decays = ema_decays(cfg)
         ema_cfg = cfg.get("ema") or {}
-        self.ema = EMA(model, decays, warmup=ema_cfg.get("warmup", False), buffers=ema_cfg.get("buffers", "average")) if decays else None
+        tail_start = tail_start_step(ema_cfg.get("tail"), self.total_steps)
+        self.ema = EMA(model, decays, warmup=ema_cfg.get("warmup", False), buffers=ema_cfg.get("buffers", "average"),
+                       tail_start=tail_start) if decays or tail_start is not None else None
         self.recompute_bn = bool(ema_cfg.get("recompute_bn", False)) and has_batchnorm(model)
         self._eval_model = copy.deepcopy(model) if self.ema else None
         self.progress = bool(cfg.get("progress", True))
@@ -157,12 +168,12 @@ class Trainer:
         yield "raw", self.model
         if not self.ema:
             return
-        for i, decay in enumerate(self.ema.decays):
+        for i, label in enumerate(self.ema.labels):
             self._eval_model.load_state_dict(self.ema.state_dict_for(i))
-            yield decay_label(decay), self._eval_model
+            yield label, self._eval_model
             if self.recompute_bn:
                 recalibrate_bn(self._eval_model, self.data.train_eval)
-                yield decay_label(decay) + "+bn", self._eval_model
+                yield label + "+bn", self._eval_model
 
     def evaluate_all(self) -> dict[str, float]:
         """``{"<model>/<split>_<metric>": value}`` for every model of :meth:`averaged_models` on val and test."""
@@ -187,9 +198,10 @@ class Trainer:
         self._save_state()
 
     def _save_ema(self) -> None:
-        for i, decay in enumerate(self.ema.decays if self.ema else []):
-            save_checkpoint(self.ckpt_dir / f"{decay_label(decay)}.safetensors", self.ema.state_dict_for(i),
-                            {**self._model_meta(self.history[-1] if self.history else {}), "ema_decay": decay})
+        for i, label in enumerate(self.ema.labels if self.ema else []):
+            kind = {"ema_decay": self.ema.decays[i]} if i < len(self.ema.decays) else {"tail_start": self.ema.tail_start}
+            save_checkpoint(self.ckpt_dir / f"{label}.safetensors", self.ema.state_dict_for(i),
+                            {**self._model_meta(self.history[-1] if self.history else {}), **kind})
 
     def _save_state(self) -> None:
         opt_tensors, opt_skeleton = flatten_state(self.optimizer.state_dict(), "optimizer")

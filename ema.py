@@ -1,0 +1,14 @@
+"""The EMA study: train once, track every EMA decay and a tail average: python ema.py [overrides]."""
+
+import hydra
+
+from mergelab.runner import run
+
+
+@hydra.main(config_path="conf", config_name="ema", version_base="1.3")
+def main(cfg):
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

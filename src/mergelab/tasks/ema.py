@@ -1,0 +1,55 @@
+"""ema.py: the EMA study in one run per setting.
+
+The study (Adda, Mizrahi & Yüksel, "Studying weight averaging") trains one model per EMA decay; here one training
+run tracks every decay at once (one fused update, :class:`mergelab.ema.EMA`) plus a uniform tail average as the
+SWA-style baseline, and evaluates all of them after every epoch. With BatchNorm and ``ema.recompute_bn=true`` each
+average is evaluated twice: with its averaged running statistics and with statistics recomputed for its weights.
+"""
+
+from __future__ import annotations
+
+from mergelab.runner import Context
+from mergelab.tasks import train
+
+METRICS = ("val_acc", "test_acc")
+BN_SUFFIX = "+bn"
+
+
+def run(ctx: Context) -> dict:
+    results = train.run(ctx)
+    final = results["history"][-1] if results["history"] else {}
+    results["task"] = "ema"
+    results["table"] = study_table(final)
+    results["metrics"].update(best_ema(final))
+    return results
+
+
+def averages_in(record: dict[str, float]) -> list[str]:
+    """The averaged models of an evaluation record in order (``raw``, the decays, ``tail``), without ``+bn``."""
+    names = dict.fromkeys(key.split("/")[0] for key in record if "/" in key)
+    return [name for name in names if not name.endswith(BN_SUFFIX)]
+
+
+def study_table(record: dict[str, float]) -> list[dict]:
+    """One row per model: no EMA, each decay, the tail average; val and test accuracy with averaged BatchNorm
+    statistics and, where measured, with statistics recomputed for the averaged weights (``bn_*`` columns)."""
+    rows = []
+    for name in averages_in(record):
+        row = {"method": name, **{m: record.get(f"{name}/{m}") for m in METRICS}}
+        if f"{name}{BN_SUFFIX}/val_acc" in record:
+            row.update({f"bn_{m}": record[f"{name}{BN_SUFFIX}/{m}"] for m in METRICS})
+        rows.append(row)
+    return rows
+
+
+def best_ema(record: dict[str, float]) -> dict[str, float]:
+    """The EMA decay with the best validation accuracy, and its test accuracy (selection never looks at test).
+
+    These are the sweeper's default objective (``best_ema/val_acc``): with ``averaged.decay=<d>`` there is one decay
+    and this is its accuracy, whatever ``d`` a trial picked.
+    """
+    decays = [name for name in averages_in(record) if name.startswith("ema")]
+    if not decays:
+        return {}
+    best = max(decays, key=lambda name: record[f"{name}/val_acc"])
+    return {"best_ema/decay": float(best[len("ema"):]), **{f"best_ema/{m}": record[f"{best}/{m}"] for m in METRICS}}
