@@ -161,3 +161,17 @@ def test_recalibrate_bn_matches_torch_update_bn():
     torch.testing.assert_close(bn_ours.running_mean, bn_theirs.running_mean)
     torch.testing.assert_close(bn_ours.running_var, bn_theirs.running_var)
     assert bn_ours.momentum == 0.1
+
+
+def test_ema_every_k_steps_folds_with_decay_to_the_k():
+    model = small_bn_net()
+    ema = EMA(model, [0.9], every=3)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in range(1, 10):
+        with torch.no_grad():
+            model[0].weight.add_(0.1 * step)
+        ema.update()
+        if step % 3 == 0:
+            w = model.state_dict()["0.weight"]
+            reference["0.weight"] = 0.9**3 * reference["0.weight"] + (1 - 0.9**3) * w
+        torch.testing.assert_close(ema.state_dict_for(0)["0.weight"], reference["0.weight"])

@@ -1,9 +1,10 @@
 """Exponential moving averages of a model's weights, for several decays at once.
 
 ``shadow <- decay * shadow + (1 - decay) * weight`` after every optimiser step, for every decay of the study in the
-same run. All decays are updated by a single ``torch._foreach_lerp_`` over the concatenated tensor lists, so the
-cost per step is one fused kernel sweep, not a Python loop over parameters (timm's ModelEmaV3 does the same for one
-decay).
+same run. All averages share one ``(averages x weights)`` buffer updated by a single broadcast ``lerp_``, so a step
+costs one concatenation of the live weights and one kernel, not a Python loop over parameters or decays (timm's
+ModelEmaV3 uses one ``torch._foreach_lerp_`` for one decay; on CPU, per-tensor dispatch, even through ``_foreach``,
+costs more than the arithmetic for small models).
 
 Optionally the same sweep also keeps a uniform *tail average* (the SWA-style baseline of Izmailov et al., 2018,
 here over every step rather than every epoch): from step ``tail_start`` on, the equal-weight mean of the weights
@@ -36,10 +37,12 @@ class EMA:
             can recompute the statistics for the averaged weights before evaluation.
         tail_start: if not None, also keep the uniform average of the weights after every step from this
             (0-based) optimiser step on; it is the last average, after the decays, labelled ``tail``.
+        every: fold the weights in every ``every`` steps with decay ``decay ** every``, which keeps the averaging
+            horizon (in steps) and divides the cost; 1 (the default) is the exact per-step recursion.
     """
 
     def __init__(self, model: nn.Module, decays: Iterable[float], warmup: bool = False, buffers: str = "average",
-                 tail_start: int | None = None):
+                 tail_start: int | None = None, every: int = 1):
         self.decays = [float(d) for d in decays]
         if not all(0.0 <= d < 1.0 for d in self.decays):
             raise ValueError(f"EMA decays must lie in [0, 1), got {self.decays}")
@@ -47,7 +50,9 @@ class EMA:
             raise ValueError(f"ema buffers must be one of {BUFFER_MODES}, got {buffers!r}")
         if tail_start is not None and tail_start < 0:
             raise ValueError(f"tail_start must be a step >= 0, got {tail_start}")
-        self.warmup = warmup
+        if every < 1:
+            raise ValueError(f"ema every must be >= 1, got {every}")
+        self.warmup, self.every = warmup, int(every)
         self.tail_start = tail_start
         self.labels = [decay_label(d) for d in self.decays] + ([TAIL_LABEL] if tail_start is not None else [])
         self.step = 0
@@ -59,13 +64,23 @@ class EMA:
         self.copy_keys = [k for k in self.keys if k not in set(self.avg_keys)]
         self._sources = [state[k].detach() for k in self.avg_keys]
         self._copy_sources = [state[k].detach() for k in self.copy_keys]
-        self.shadows = [[t.clone() for t in self._sources] for _ in self.labels]
+        # shadows[i] are views of row i of one (averages x numel) buffer, shaped like the weights.
+        sizes = [t.numel() for t in self._sources]
+        if len({(t.dtype, t.device) for t in self._sources}) > 1:
+            raise ValueError("EMA expects every averaged tensor on one device with one dtype")
+        live = self._live()
+        self._flat = live.unsqueeze(0).repeat(len(self.labels), 1)
+        self._weights = torch.zeros(len(self.labels), 1, dtype=live.dtype, device=live.device)
+        self.shadows = [[v.view_as(t) for v, t in zip(row.split(sizes), self._sources)] for row in self._flat]
         self.copies = [[t.clone() for t in self._copy_sources] for _ in self.labels]
-        # One flat list over all averages so that one foreach call updates everything.
-        self._flat_shadows = [t for shadow in self.shadows for t in shadow]
-        self._flat_sources = self._sources * len(self.labels)
         self._flat_copies = [t for copy in self.copies for t in copy]
         self._flat_copy_sources = self._copy_sources * len(self.labels)
+
+    def _live(self) -> torch.Tensor:
+        """The live model's averaged tensors, concatenated into one vector."""
+        if not self._sources:
+            return torch.zeros(0)
+        return torch.cat([t.reshape(-1) for t in self._sources])
 
     def decay_at(self, decay: float, step: int) -> float:
         """The decay used for the update that follows optimiser step ``step`` (0-based)."""
@@ -73,20 +88,23 @@ class EMA:
 
     def tail_weight_at(self, step: int) -> float:
         """The lerp weight of the tail average for the update that follows step ``step``: ``1 / (n + 1)``."""
-        return 1.0 / (max(step - self.tail_start, 0) + 1)
+        return 1.0 / (max(step - self.tail_start, 0) // self.every + 1)
 
     @torch.no_grad()
     def update(self) -> None:
-        """Fold the live model's current weights into every average."""
-        weights = [1.0 - self.decay_at(d, self.step) for d in self.decays]
+        """Call after every optimiser step: folds the live weights into every average (every ``every`` steps)."""
+        step = self.step
+        self.step += 1
+        if self.step % self.every:
+            return
+        weights = [1.0 - self.decay_at(d, step) ** self.every for d in self.decays]
         if self.tail_start is not None:
-            weights.append(self.tail_weight_at(self.step))
-        per_tensor = [w for w in weights for _ in self._sources]
-        if self._flat_shadows:
-            torch._foreach_lerp_(self._flat_shadows, self._flat_sources, per_tensor)
+            weights.append(self.tail_weight_at(step))
+        self._weights.copy_(torch.tensor(weights).unsqueeze(1))
+        if self._sources:
+            self._flat.lerp_(self._live().expand_as(self._flat), self._weights)
         if self._flat_copies:
             torch._foreach_copy_(self._flat_copies, self._flat_copy_sources)
-        self.step += 1
 
     def state_dict_for(self, index: int) -> dict[str, torch.Tensor]:
         """The averaged model ``labels[index]`` as a model state dict (shares memory with the average).

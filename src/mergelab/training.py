@@ -97,7 +97,7 @@ class Trainer:
         ema_cfg = cfg.get("ema") or {}
         tail_start = tail_start_step(ema_cfg.get("tail"), self.total_steps)
         self.ema = EMA(model, decays, warmup=ema_cfg.get("warmup", False), buffers=ema_cfg.get("buffers", "average"),
-                       tail_start=tail_start) if decays or tail_start is not None else None
+                       tail_start=tail_start, every=ema_cfg.get("every", 1)) if decays or tail_start is not None else None
         self.recompute_bn = bool(ema_cfg.get("recompute_bn", False)) and has_batchnorm(model)
         self._eval_model = copy.deepcopy(model) if self.ema else None
         self.progress = bool(cfg.get("progress", True))
