@@ -1,0 +1,75 @@
+"""Time and peak memory of alignment on resnet20 at several widths: permute (weights, activations) and OT (weights,
+activations), each as a ratio to the vanilla average measured in the same run.
+
+    python bench/fusion.py [--widths 1 2 4] [--samples 200] [--repeats 1]
+
+Peak memory is the peak of Python allocations traced by tracemalloc (CPU tensors' storage included), and on CUDA
+``torch.cuda.max_memory_allocated``. The activation ground metric works from second moments accumulated per batch,
+so its memory is O((2n)^2) per group and never O(samples x n x n); the table's memory column shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import tracemalloc
+
+import torch
+
+from mergelab.merging.align import Permute
+from mergelab.merging.average import Average, weighted_average
+from mergelab.merging.features import feature_stats
+from mergelab.merging.otfusion import OTFusion
+from mergelab.models import build_model, unit_graph
+
+
+def measure(method, graph, models, images, device) -> tuple[float, float]:
+    """Seconds and peak MiB of aligning model 1 to model 0 and averaging (features included)."""
+    tracemalloc.start()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    states = [m.state_dict() for m in models]
+    stats = None
+    if method.alignment == "activations":
+        stats = feature_stats(models, graph, [(x, None) for x in images.split(100)], where=method.where)
+    weighted_average([states[0], method.align(graph, states[0], states[1], stats, 0, 1)])
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    if device.type == "cuda":
+        peak = max(peak, torch.cuda.max_memory_allocated())
+    return seconds, peak / 2 ** 20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--widths", type=float, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--samples", type=int, default=200, help="images for the activation methods")
+    parser.add_argument("--repeats", type=int, default=1)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    images = torch.randn(args.samples, 3, 32, 32, device=device)
+    methods = {"average": Average(), "permute-weights": Permute("weights"),
+               "permute-activations": Permute("activations", num_samples=args.samples),
+               "ot-weights": OTFusion("weights"), "ot-activations": OTFusion("activations", num_samples=args.samples)}
+    print(f"device: {device}; resnet20 on 3x32x32 inputs, {args.samples} images for activations")
+    print(f"{'width':>5}  {'method':<20} {'time_s':>8} {'x average':>9} {'peak_MiB':>9} {'x average':>9}")
+    for width in args.widths:
+        torch.manual_seed(0)
+        models = [build_model({"_target_": "mergelab.models.resnet20", "width": width}, 10, 3, 32).to(device).eval()
+                  for _ in range(2)]
+        graph = unit_graph(models[0])
+        results = {}
+        for name, method in methods.items():
+            runs = [measure(method, graph, models, images, device) for _ in range(args.repeats)]
+            results[name] = (min(t for t, _ in runs), max(m for _, m in runs))
+        base_t, base_m = results["average"]
+        for name, (seconds, peak) in results.items():
+            print(f"{width:>5g}  {name:<20} {seconds:>8.3f} {seconds / base_t:>9.1f} {peak:>9.1f} {peak / base_m:>9.1f}")
+
+
+if __name__ == "__main__":
+    main()
