@@ -1,0 +1,243 @@
+"""zip.py: merge models trained on disjoint tasks with ZipIt! (Stoica et al. 2024) and compare with its baselines.
+
+Every model was trained on its own class subset (``train.py dataset.classes=[...]``). The table has each model alone,
+the ensemble of all, their weight average, permutation matching by activation correlations then averaging, ZipIt!
+at ``merge.stop_at`` and at the depths of ``zip.partial``; each merge with no correction, BatchNorm statistics reset
+and REPAIR (``zip.corrections``). Every row is a trunk shared by all tasks plus one head per task
+(:class:`~mergelab.models.multihead.MultiHead`), scored on the joint task (argmax over all heads' logits, labels
+from the union of the classes), on each task with its own head, and their average, on validation and test; with its
+parameters and multiply-accumulates per input.
+
+Validation and test data are each task's own splits, built with the seed its model was trained with, so no
+validation image was seen in training by the model whose classes it belongs to.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from torch import nn
+
+from mergelab.checkpoints import read_meta
+from mergelab.data import Data, build_data
+from mergelab.errors import UserError
+from mergelab.evaluation import has_batchnorm, recalibrate_bn
+from mergelab.flops import count_macs, count_params
+from mergelab.merging.align import activation_matching
+from mergelab.merging.features import feature_stats
+from mergelab.merging.zipit import ZipIt, identity_zip, permutation_zip, repair, zipped_model
+from mergelab.models import unit_graph
+from mergelab.models.graph import _model_names
+from mergelab.models.multihead import Cut, MultiHead, cut_points, find_cut
+from mergelab.population import architecture, load_model, resolve_checkpoints
+from mergelab.runner import Context
+
+SPLITS = ("val", "test")
+CORRECTIONS = ("none", "reset_bn", "repair")
+BASELINES = ("models", "ensemble", "average", "permute")
+
+
+@dataclass
+class Task:
+    """One model's task: its original class labels (head output ``k`` is class ``classes[k]``) and its data."""
+
+    classes: list[int]
+    data: Data
+
+
+def run(ctx: Context) -> dict:
+    cfg = ctx.cfg
+    paths, metas = population(cfg)
+    models = [load_model(p, ctx.device)[0].eval() for p in paths]
+    graph = unit_graph(models[0])
+    cuts = cut_points(models[0], graph)
+    if cfg.list_layers:
+        return {"task": "zip", "metrics": {}, "table": cut_table(cuts, graph)}
+    zipit = instantiate(cfg.merge)
+    if not isinstance(zipit, ZipIt):
+        raise UserError(f"zip.py merges with merge=zipit, got {cfg.merge.get('_target_')}; the average and "
+                        "permute baselines are rows of zip.py's own table (zip.baselines)")
+    depths = {"zipit": find_cut(cuts, zipit.stop_at),
+              **{f"zipit@{cut.depth}": cut for cut in (find_cut(cuts, s) for s in cfg.zip.partial)}}
+    corrections, baselines = checked(cfg.zip.corrections, CORRECTIONS, "zip.corrections"), \
+        checked(cfg.zip.baselines, BASELINES, "zip.baselines")
+    tasks = [Task(meta_classes(meta), task_data(ctx, meta_classes(meta), meta["seed"])) for meta in metas]
+    features = RoundRobin([task.data.train_eval for task in tasks])
+    example = next(iter(tasks[0].data.test))[0]
+
+    start = time.perf_counter()
+    stats = feature_stats(models, graph, features, num_batches=zipit.num_batches)
+    feature_s = time.perf_counter() - start
+    start = time.perf_counter()
+    zips = zipit.match(stats)
+    match_s = time.perf_counter() - start
+
+    def score(method: str, model: nn.Module, covered: list[int], cut: Cut | None = None) -> dict:
+        return evaluate_row(method, model, covered, tasks, example, cut)
+
+    table = []
+    names = _model_names(len(models))
+    if "models" in baselines:
+        table += [score(name, MultiHead(nn.Identity(), [m]), [i]) for i, (name, m) in enumerate(zip(names, models))]
+    if "ensemble" in baselines:
+        table.append(score("ensemble", MultiHead(nn.Identity(), models), list(range(len(models)))))
+    merges = {}
+    if "average" in baselines:
+        merges["average"] = ({g: identity_zip(n, len(models)) for g, n in graph.groups.items()}, cuts[-1])
+    if "permute" in baselines:
+        merges["permute"] = (permutation_zips(stats, len(models)), cuts[-1])
+    merges.update({name: (zips, cut) for name, cut in depths.items()})
+    for method, (method_zips, cut) in merges.items():
+        merged, inside, used = zipped_model(models, graph, method_zips, cut)
+        # Without BatchNorm, resetting its statistics is the identity: no row for it.
+        for correction in (c for c in corrections if c != "reset_bn" or has_batchnorm(merged)):
+            corrected = correct(copy.deepcopy(merged), correction, models, inside, used, features,
+                                zipit.num_batches)
+            label = method if correction == "none" else f"{method}+{correction}"
+            table.append(score(label, corrected, list(range(len(models))), cut))
+
+    metrics = {f"{row['method']}/{key}": value for row in table for key, value in row.items()
+               if key not in ("method", "depth") and value is not None}
+    logger = ctx.open_logger()
+    logger.scalars("", metrics, step=0)
+    logger.hparams({"alpha": zipit.alpha, "beta": zipit.beta, "stop_at": str(zipit.stop_at),
+                    "arch": models[0].arch, "num_models": len(models)}, metrics)
+    return {"task": "zip", "metrics": metrics, "table": table,
+            "models": [str(p) for p in paths], "tasks": [task.classes for task in tasks],
+            "cuts": cut_table(cuts, graph), "feature_time_s": feature_s, "match_time_s": match_s,
+            "merged_features": {g: z.sizes.tolist() for g, z in zips.items()}}
+
+
+# ------------------------------------------------------------------------------------------------- inputs
+
+
+def population(cfg) -> tuple[list[Path], list[dict]]:
+    """The checkpoints and their metadata, refusing what cannot be zipped: fewer than two models, other model
+    families or configs, another data set, heads that do not match their classes, tasks that overlap."""
+    paths = resolve_checkpoints(cfg.models, which=cfg.checkpoint)
+    if len(paths) < 2:
+        raise UserError(f"zip.py needs at least 2 task models, models={cfg.models} matches {len(paths)}; "
+                        "pass a glob matching one checkpoint or run folder per task")
+    metas = [read_meta(p) for p in paths]
+    reference = {**architecture(metas[0]), "num_classes": None}
+    for path, meta in zip(paths, metas):
+        if {**architecture(meta), "num_classes": None} != reference:
+            raise UserError(f"cannot zip {path}: its model {meta.get('model')} differs from {paths[0]}'s "
+                            f"{metas[0].get('model')}; ZipIt! merges models of one architecture")
+        trained_on = meta.get("dataset", {}).get("name")
+        if trained_on != cfg.dataset.name:
+            raise UserError(f"{path} was trained on {trained_on}, not on dataset={cfg.dataset.name}; "
+                            f"pass dataset={trained_on}")
+        if len(meta_classes(meta)) != meta["num_classes"]:
+            raise UserError(f"{path}: its head has {meta['num_classes']} outputs but its task has classes "
+                            f"{meta_classes(meta)}; the checkpoint metadata is inconsistent, retrain the model")
+    for (pa, ma), (pb, mb) in itertools.combinations(zip(paths, metas), 2):
+        shared = sorted(set(meta_classes(ma)) & set(meta_classes(mb)))
+        if shared:
+            raise UserError(f"tasks overlap: {pa} and {pb} both have classes {shared}; ZipIt! zips models of "
+                            "disjoint tasks (train each with its own dataset.classes=[...])")
+    return paths, metas
+
+
+def meta_classes(meta: dict) -> list[int]:
+    """The original labels a checkpoint's head predicts, in head order (all classes when trained on all)."""
+    classes = meta.get("dataset", {}).get("classes")
+    return list(classes) if classes is not None else list(range(meta["num_classes"]))
+
+
+def task_data(ctx: Context, classes: list[int], seed: int) -> Data:
+    """The data set restricted to ``classes`` with the train/val split of the seed the task's model used."""
+    dataset = OmegaConf.merge(ctx.cfg.dataset, {"classes": classes})
+    return build_data(dataset, batch_size=ctx.cfg.train.batch_size, eval_batch_size=ctx.cfg.train.eval_batch_size,
+                      seed=seed, device=ctx.device)
+
+
+def checked(values, allowed: tuple[str, ...], key: str) -> list[str]:
+    values = list(values)
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise UserError(f"{key}={values}: {unknown} unknown; choose from {list(allowed)}")
+    return values
+
+
+class RoundRobin:
+    """Batches taken from each iterable in turn (task A, task B, task A...), until all are spent: training data
+    of every task for the features, BatchNorm statistics and REPAIR, whatever ``num_batches`` cuts it to."""
+
+    def __init__(self, sources):
+        self.sources = sources
+
+    def __iter__(self):
+        for batch_group in itertools.zip_longest(*self.sources):
+            yield from (batch for batch in batch_group if batch is not None)
+
+
+def cut_table(cuts: list[Cut], graph) -> list[dict]:
+    """Where the models can be cut (the values ``merge.stop_at`` and ``zip.partial`` take)."""
+    return [{"depth": cut.label, "stop_at": cut.depth, "hook": cut.hook, "group": cut.group,
+             "units": graph.groups[cut.group], "layers": " ".join(cut.layers)} for cut in cuts]
+
+
+# ------------------------------------------------------------------------------------------------- methods
+
+
+def permutation_zips(stats, num_models: int) -> dict:
+    """Permutation matching of every model onto model A by activation correlation (Git Re-Basin, Sec. 3.1), as
+    zips: unit ``j`` of A merges with the unit of each other model matched to it."""
+    perms = [activation_matching(stats, 0, i) for i in range(1, num_models)]
+    return {g: permutation_zip([torch.arange(s.units), *(p[g] for p in perms)]) for g, s in stats.items()}
+
+
+def correct(model: MultiHead, correction: str, parents, inside, zips, batches, num_batches) -> MultiHead:
+    """``none``; ``reset_bn``: BatchNorm statistics recomputed on training data; ``repair``: REPAIR."""
+    if correction == "reset_bn":
+        return recalibrate_bn(model, itertools.islice(batches, num_batches))
+    if correction == "repair":
+        return repair(model, parents, inside, zips, batches, num_batches)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_row(method: str, model: MultiHead, covered: list[int], tasks: list[Task], example: torch.Tensor,
+                 cut: Cut | None) -> dict:
+    """One table row: size, cost and accuracies on both splits (see :func:`split_accuracies`)."""
+    row = {"method": method, "depth": cut.label if cut else None,
+           "params": count_params(model), "macs": count_macs(model, example)}
+    for split in SPLITS:
+        row.update(split_accuracies(model, covered, tasks, split))
+    return row
+
+
+@torch.no_grad()
+def split_accuracies(model: MultiHead, covered: list[int], tasks: list[Task], split: str) -> dict:
+    """Accuracy (%) on every task's ``split``: joint (argmax over the concatenated logits of the heads, which
+    cover tasks ``covered``, against the original label), per task with its own head (None for a task no head
+    covers), and the average over tasks."""
+    model.eval()
+    device = next(model.parameters()).device
+    joint_classes = torch.tensor([c for t in covered for c in tasks[t].classes], device=device)
+    joint_correct, joint_total, per_task = 0, 0, {}
+    for t, task in enumerate(tasks):
+        original = torch.tensor(task.classes, device=device)
+        correct_t, total_t = 0, 0
+        for x, y in getattr(task.data, split):
+            outputs = model.forward_tasks(x)
+            joint_correct += int((joint_classes[torch.cat(outputs, 1).argmax(1)] == original[y]).sum())
+            if t in covered:
+                correct_t += int((outputs[covered.index(t)].argmax(1) == y).sum())
+            total_t += len(y)
+        joint_total += total_t
+        per_task[t] = 100.0 * correct_t / total_t if t in covered else None
+    scores = [v for v in per_task.values() if v is not None]
+    return {f"{split}_joint_acc": 100.0 * joint_correct / joint_total,
+            **{f"{split}_task{t}_acc": v for t, v in per_task.items()},
+            f"{split}_avg_task_acc": sum(scores) / len(scores) if len(scores) == len(tasks) else None}
