@@ -69,12 +69,17 @@ def test_val_is_held_out_of_train_and_stratified():
     assert ((val_per_class - 0.1 * per_class).abs() <= 1).all()
 
 
-def test_test_split_is_fixed_and_val_follows_the_run_seed():
+def test_test_and_val_splits_are_shared_across_run_seeds():
+    # Models trained with different seeds are merged and scored on val: none may have trained on another's val.
     first, second = build(seed=0), build(seed=1)
     for a, b in zip(collect(first.test), collect(second.test)):
         assert torch.equal(a, b)
-    assert not torch.equal(first.val.indices, second.val.indices)
-    assert first.val.num_samples == second.val.num_samples
+    assert torch.equal(first.val.indices, second.val.indices)
+    moved = build(seed=0, split_seed=1)
+    assert not torch.equal(first.val.indices, moved.val.indices)
+    assert first.val.num_samples == moved.val.num_samples
+    follows = build(seed=1, split_seed=None)
+    assert torch.equal(follows.val.indices, moved.val.indices)
 
 
 def test_epoch_batches_are_a_function_of_seed_and_epoch():

@@ -36,6 +36,7 @@ STATS_SAMPLES = 1000  # files decoded to estimate mean/std when an image folder 
 # Every dataset option and its value when a config leaves it out; any other key is a user error (a typo).
 DEFAULTS = {
     "name": None,
+    "split_seed": SPLIT_SEED,  # seeds the train/val split; null = the run seed
     "source": None,
     "root": "data",
     "download": False,
@@ -508,7 +509,10 @@ def build_data(
     if options.augment and options.padding_mode == "reflect" and options.crop_padding >= image_size:
         raise UserError(f"dataset.crop_padding={options.crop_padding} must be below the image size {image_size}")
     train, test = (select_classes(split, classes, source.num_classes) for split in (train, test))
-    fit, val = stratified_split(train.labels, round(options.val_fraction * len(train)), seed)
+    # The validation split is fixed by `split_seed`, not the run seed: models trained with different seeds must not
+    # have trained on each other's validation samples, or every merge's selection would be scored on training data.
+    split_seed = seed if options.split_seed is None else options.split_seed
+    fit, val = stratified_split(train.labels, round(options.val_fraction * len(train)), split_seed)
     if in_memory:
         train, test = (Images(split.images.to(device), split.labels) for split in (train, test))
 
