@@ -11,9 +11,10 @@ from contextlib import closing
 
 import optuna
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, make_cfg
+from conftest import CONF, ROOT, make_cfg
 from hydra_inprocess import hydra_main
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -95,13 +96,17 @@ def test_failed_trial_is_recorded_and_the_study_goes_on_and_best_config_reruns(t
 
 def test_search_spaces_compose():
     cfg = make_cfg("tune", ["hparams_search=train"])
-    assert cfg.objective.startswith("best_ema/") and "test" not in cfg.objective
+    assert cfg.objective.startswith("best_ema/") and cfg.objective.split("/")[-1].startswith("val_")
     assert cfg.task == "ema"
 
 
-@pytest.mark.parametrize("space,root", [("zip", "zip"), ("ot", "fuse"), ("wiseft", "soup")])
-def test_merge_search_spaces_compose_with_their_scripts(space, root):
-    if not (ROOT / "conf" / "hparams_search" / f"{space}.yaml").is_file():
-        pytest.skip(f"conf/hparams_search/{space}.yaml not written yet")
-    cfg = make_cfg(root, [f"+hparams_search={space}"])
-    assert "test" not in cfg.objective
+@pytest.mark.parametrize("space,root,keys", [("zip", "zip", {"merge.alpha", "merge.beta"}),
+                                             ("ot", "fuse", {"merge.reg"})])
+def test_merge_search_spaces_compose_with_their_scripts(space, root, keys):
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose(root, overrides=[f"+hparams_search={space}"], return_hydra_config=True)
+    assert cfg.objective.split("/")[-1].startswith("val_")  # selection on the validation split, never test
+    assert cfg.hydra.sweeper._target_.endswith("StudySweeper") and cfg.hydra.sweeper.study_name == space
+    assert set(cfg.hydra.sweeper.params) == keys
+    for key in keys:  # the searched keys are real options of the merge method
+        assert OmegaConf.select(cfg, key, default="missing") != "missing", key
