@@ -338,3 +338,16 @@ def test_cli_error_is_one_line(task_models, tmp_path):
                       check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: stop_at=nope") and len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF.parent / "experiment").glob("zipit_*.yaml")))
+def test_experiment_configs_compose_for_training_and_zipping(experiment):
+    for task, seed in (("a", 0), ("b", 1)):
+        train = make_cfg("train", [f"experiment={experiment}", f"zipit_task={task}"])
+        zipping = make_cfg("zip", [f"experiment={experiment}", f"zipit_task={task}"])
+        assert train.seed == seed and train.models == zipping.models and zipping.models.endswith("/train_*")
+        assert train.model == zipping.model and train.dataset.name == zipping.dataset.name
+    a = make_cfg("train", [f"experiment={experiment}", "zipit_task=a"]).dataset.classes
+    b = make_cfg("train", [f"experiment={experiment}", "zipit_task=b"]).dataset.classes
+    assert not set(a) & set(b) and len(a) == len(b)
+    assert isinstance(make_cfg("zip", [f"experiment={experiment}"]).merge.alpha, float)
