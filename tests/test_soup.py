@@ -148,7 +148,8 @@ def trained_mlp(tmp_path_factory):
     return load_checkpoint(out / "checkpoints" / "last.safetensors")[0]
 
 
-def make_population(folder, n, model="mlpnet", noise=0.02, seed=0, trained_seed=0, base=None, overrides=()):
+def make_population(folder, n, model="mlpnet", noise=0.02, seed=0, trained_seed=0, base=None, overrides=(),
+                    split_seed=0):
     """``n`` ingredients around one shared start (``base``, or a fresh model from ``seed``), each perturbed by
     Gaussian noise of scale ``noise``, saved with the metadata finetune.py writes."""
     cfg = make_cfg("train", [f"model={model}", *overrides])
@@ -163,6 +164,8 @@ def make_population(folder, n, model="mlpnet", noise=0.02, seed=0, trained_seed=
         meta = {"model": OmegaConf.to_container(cfg.model, resolve=True), "num_classes": 10, "in_channels": 1,
                 "image_size": 8, "dataset": {"name": "digits", "classes": list(range(10))}, "task": "finetune",
                 "seed": trained_seed, "hparams": {"index": i}}
+        if split_seed is not None:  # finetune.py records it; train.py checkpoints do not
+            meta["split_seed"] = split_seed
         paths.append(save_checkpoint(folder / f"run{i}" / "checkpoints" / "last.safetensors", state, meta))
     return paths
 
@@ -290,12 +293,17 @@ def test_soup_errors_name_the_problem(tmp_path):
     corrupt.write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match=f"corrupt checkpoint {corrupt}"):
         soup_results(tmp_path, f"{tmp_path}/corrupt/*")
-    make_population(tmp_path / "seeds", 1)
-    make_population(tmp_path / "seeds2", 1, trained_seed=1)
-    with pytest.raises(UserError, match="validation splits differ"):
-        soup_results(tmp_path, f"[{tmp_path}/seeds/*,{tmp_path}/seeds2/*]")
+    make_population(tmp_path / "seeds", 1, split_seed=None)
+    make_population(tmp_path / "seeds2", 1, trained_seed=1, split_seed=None)
+    with pytest.raises(UserError, match="seeds2.*validation splits differ"):
+        soup_results(tmp_path, f"[{tmp_path}/seeds/*,{tmp_path}/seeds2/*]", "dataset.split_seed=null")
+    make_population(tmp_path / "split", 2, split_seed=3)
+    with pytest.raises(UserError, match="split of seed 0.*validation splits differ"):
+        soup_results(tmp_path, f"{tmp_path}/split/*")
     with pytest.raises(UserError, match="not a soup recipe"):
         soup_results(tmp_path, f"{tmp_path}/mixed/*", "+merge.alpha=0.5")
+    with pytest.raises(UserError, match="merge=Average is not a soup recipe"):
+        soup_results(tmp_path, f"{tmp_path}/mixed/*", "merge=average")
     with pytest.raises(UserError, match="bn=both"):
         soup_results(tmp_path, f"{tmp_path}/mixed/*", "bn=both")
 

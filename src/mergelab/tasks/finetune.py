@@ -50,11 +50,18 @@ def run(ctx: Context) -> dict:
     torch.manual_seed(hparams["data_seed"])
     model, model_cfg, start = start_point(ctx, data)
     meta = {**ctx.model_meta(data, model_cfg), "hparams": hparams, "index": int(cfg.index),
+            "split_seed": split_seed(tuned.dataset, ctx.seed),
             "init": str(start["path"]) if start.get("path") else None, "head": start["head"]}
     trainer = Trainer(model, data, tuned, ctx.run_dir / "checkpoints", logger=ctx.open_logger(), meta=meta,
                       prefix=f"[{cfg.index}] ")
     results = summarize(trainer, trainer.fit())
     return {**results, "task": "finetune", "index": int(cfg.index), "hparams": hparams, "start": start}
+
+
+def split_seed(dataset_cfg: DictConfig, seed: int) -> int:
+    """The seed of the train/validation split: ``dataset.split_seed``, or the run seed when it is null (data.py)."""
+    value = dataset_cfg.get("split_seed")
+    return int(seed) if value is None else int(value)
 
 
 # ------------------------------------------------------------------------------------------- hyperparameter search
@@ -183,7 +190,7 @@ def init_cache_path(ctx: Context, data, source: dict) -> Path:
     head recipe, the classes and the training/validation samples (the linear probe is fitted and chosen on them)."""
     cfg = ctx.cfg
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in BATCH_OPTIONS}
-    key = {"source": source, "head": cfg.head, "dataset": dataset, "split_seed": ctx.seed,
+    key = {"source": source, "head": cfg.head, "dataset": dataset, "split_seed": split_seed(cfg.dataset, ctx.seed),
            "num_classes": data.num_classes}
     if cfg.head == "seeded":
         key["head_seed"] = int(cfg.head_seed)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError, safe_open
 from sklearn.metrics import f1_score
@@ -28,7 +29,7 @@ from mergelab.evaluation import has_batchnorm, predict, recalibrate_bn
 from mergelab.merging import soups
 from mergelab.population import check_same_architecture, model_from_meta, resolve_checkpoints
 from mergelab.runner import Context
-from mergelab.tasks.finetune import BATCH_OPTIONS
+from mergelab.tasks.finetune import BATCH_OPTIONS, split_seed
 
 RECIPES = ("uniform", "greedy", "greedy_random", "pruned", "wiseft", "ensemble")
 METRICS = ("acc", "f1", "neg_loss")
@@ -47,12 +48,13 @@ def run(ctx: Context) -> dict:
             return votes
         raise UserError("no ingredients: pass ingredients='<glob of checkpoints or run folders>'")
     population = Population.open(cfg.ingredients, cfg.which, bool(cfg.keep_in_memory))
+    seed = population.data_seed(cfg)
     data = build_data(cfg.dataset, batch_size=int(cfg.eval_batch_size), eval_batch_size=int(cfg.eval_batch_size),
-                      seed=population.split_seed, device=ctx.device)
+                      seed=seed, device=ctx.device)
     population.check_dataset(data)
     scorer = Scorer(model_from_meta(population.metas[0], population.paths[0]).to(ctx.device), data, cfg.bn,
                     cfg.metric, ctx.device)
-    study = Study(ctx, population, scorer)
+    study = Study(ctx, population, scorer, split_seed(cfg.dataset, seed))
     study.individuals(cache_dir(ctx))
     study.best()
     for name in ("uniform", "greedy", "greedy_random", "pruned", "wiseft"):
@@ -74,9 +76,20 @@ def soup_recipes(cfg: DictConfig) -> dict[str, DictConfig]:
     merge = cfg.get("merge") or {}
     foreign = [k for k, v in merge.items() if k not in RECIPES or not isinstance(v, DictConfig) or v.get("recipe") != k]
     if foreign:
-        raise UserError(f"merge={','.join(map(str, foreign))} is not a soup recipe; soup.py runs "
+        raise UserError(f"merge={_merge_choice(merge, foreign)} is not a soup recipe; soup.py runs "
                         f"{', '.join(RECIPES)} (e.g. merge=[greedy,pruned]); fuse.py and zip.py take the others")
     return dict(merge.items())
+
+
+def _merge_choice(merge: DictConfig, foreign: list) -> str:
+    """The name the user picked: Hydra's recorded choice, else the foreign config's class, else its keys."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("merge")
+        if choice:
+            return str(choice)
+    if "_target_" in merge:
+        return str(merge["_target_"]).rsplit(".", 1)[-1]
+    return ",".join(map(str, foreign))
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -106,23 +119,27 @@ class Population:
             _check_mergelab(path)
         metas = check_same_architecture(paths)
         check_shapes(paths)
-        population = cls(paths, metas, keep_in_memory)
-        population.split_seed  # noqa: B018 -- refuse mixed validation splits before any work
-        return population
+        return cls(paths, metas, keep_in_memory)
 
-    @property
-    def split_seed(self) -> int:
-        """The seed of the ingredients' validation split; all must share it, or selection would score models on
-        samples they trained on."""
-        seeds = {int(m.get("seed", 0)) for m in self.metas}
-        if len(seeds) > 1:
-            first = self.metas[0].get("seed", 0)
-            other = next(p for p, m in zip(self.paths, self.metas) if m.get("seed", 0) != first)
-            raise UserError(f"{other} was trained with seed {self.metas[self.paths.index(other)].get('seed')} but "
-                            f"{self.paths[0]} with seed {first}: their validation splits differ, so selecting on "
-                            "validation would score models on their own training data; train the population with "
-                            "one seed (finetune.py varies each ingredient's data order itself)")
-        return seeds.pop()
+    def data_seed(self, cfg: DictConfig) -> int:
+        """The run seed to build the soup's data with, after checking that the soup's validation split is the one
+        every ingredient held out: selecting on samples an ingredient trained on would favour it unfairly.
+
+        With ``dataset.split_seed`` set (the default) the split is fixed whatever the run seed; ingredients that
+        record their split (finetune.py) must agree with it. With ``split_seed=null`` the split follows the run
+        seed, so all ingredients must share theirs and the soup uses it.
+        """
+        fixed = cfg.dataset.get("split_seed")
+        first = self.metas[0]
+        mine = int(fixed) if fixed is not None else int(first.get("split_seed", first.get("seed", 0)))
+        for path, meta in zip(self.paths, self.metas):
+            theirs = meta.get("split_seed", int(meta.get("seed", 0)) if fixed is None else mine)
+            if theirs != mine:
+                raise UserError(f"{path} held out the validation split of seed {theirs} but the soup selects on the "
+                                f"split of seed {mine} (from {self.paths[0]} or dataset.split_seed): its validation "
+                                "splits differ, so selection would score models on their own training data; train "
+                                "the population with one dataset.split_seed and set the same here")
+        return int(cfg.seed) if fixed is not None else mine
 
     def check_dataset(self, data) -> None:
         """The soup's data set must be the one the ingredients were trained on (same name, same classes)."""
@@ -249,8 +266,8 @@ class Method:
 class Study:
     """Runs the recipes in order on one population and collects rows, curves and soup checkpoints."""
 
-    def __init__(self, ctx: Context, population: Population, scorer: Scorer):
-        self.ctx, self.cfg, self.population, self.scorer = ctx, ctx.cfg, population, scorer
+    def __init__(self, ctx: Context, population: Population, scorer: Scorer, split: int):
+        self.ctx, self.cfg, self.population, self.scorer, self.split = ctx, ctx.cfg, population, scorer, split
         self.logger = ctx.open_logger()
         self.methods: dict[str, Method] = {}
         self.states: dict[str, dict] = {}  # weight-space soups, for WiSE-FT and predictions
@@ -264,7 +281,7 @@ class Study:
         """Every ingredient alone, on its own BatchNorm statistics; logits cached in ``folder`` by file identity."""
         for index, path in enumerate(self.population.paths):
             start = time.perf_counter()
-            cached = folder / f"eval-{evaluation_key(path, self.cfg, self.population.split_seed)}.safetensors"
+            cached = folder / f"eval-{evaluation_key(path, self.cfg, self.split)}.safetensors"
             if cached.is_file():
                 tensors, _ = load_checkpoint(cached, device=self.ctx.device)
                 val, test = tensors["val"], tensors["test"]
@@ -418,12 +435,12 @@ def _one_hot(predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(predictions, num_classes).float()
 
 
-def evaluation_key(path: Path, cfg: DictConfig, split_seed: int) -> str:
+def evaluation_key(path: Path, cfg: DictConfig, split: int) -> str:
     """Identifies an individual evaluation: the file (path, mtime, size) and the samples it is evaluated on."""
     stat = path.stat()
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items() if k not in BATCH_OPTIONS}
     key = {"path": str(path.resolve()), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size, "dataset": dataset,
-           "split_seed": split_seed}
+           "split_seed": split}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
