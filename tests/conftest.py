@@ -6,11 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import os
+
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
+
+# The suite runs as two pytest-xdist workers on two cores: one thread each, in-process and in subprocesses, avoids
+# oversubscription (the tiny models here are dominated by per-op overhead, not by arithmetic).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def make_cfg(config_name: str, overrides: list[str] = (), out_dir: Path | None = None):

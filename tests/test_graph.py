@@ -99,7 +99,12 @@ def test_invariance_on_cifar_shaped_input(family):
     torch.testing.assert_close(permuted_outputs(model, graph, perms, x), model(x), rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("family,options", SMALL, ids=[f"{f}-{o}" for f, o in SMALL])
+# ResNet-18 is built from the same basic_block fragments as ResNet-20 (covered here) and has ~4x the axes; leaving
+# it out keeps this exhaustive per-axis test fast.
+TEETH = [(f, o) for f, o in SMALL if f != "resnet18"]
+
+
+@pytest.mark.parametrize("family,options", TEETH, ids=[f"{f}-{o}" for f, o in TEETH])
 def test_dropping_any_axis_from_the_graph_breaks_invariance(family, options):
     """The invariance test has teeth: a graph missing any single (key, axis) gives a different function."""
     model, x = model_and_input(family, options)
