@@ -167,8 +167,10 @@ def figures_ema(runs: list[Run], split: str = "val") -> tuple[dict[str, Figure],
         for name in names:
             steps, mean, std = mean_curve(members, f"{name}/{split}_acc")
             if steps:
-                ax.plot(steps, mean, label=name, lw=1.2 if name != "raw" else 2.0, color="black" if name == "raw" else None)
-                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+                [line] = ax.plot(steps, mean, label=name, lw=1.2 if name != "raw" else 2.0,
+                                 color="black" if name == "raw" else None)
+                ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=line.get_color(), alpha=0.2)
         ax.set_title(f"{label} ({len(members)} runs)", fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel(f"{split} accuracy (%)")
