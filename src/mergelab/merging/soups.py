@@ -24,8 +24,12 @@ import torch
 
 State = Mapping[str, torch.Tensor]
 Score = Callable[[State], float]
-# Sums are kept in float64 so that a soup that grows and shrinks (pruned) does not drift from the exact mean.
-ACCUMULATE = torch.float64
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """Sums of half-precision weights are kept in float32 (a sum of 16 bf16 tensors loses digits); float32 and
+    float64 keep their own precision, which for soups of tens of ingredients is far below the weights' noise."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class RunningSum:
@@ -40,7 +44,7 @@ class RunningSum:
         self.dtypes = {k: template[k].dtype for k in self.keys}
         self.fixed = {k: v.clone() for k, v in template.items() if not v.is_floating_point()}
         self.order = list(template)
-        self.total = [torch.zeros_like(template[k], dtype=ACCUMULATE) for k in self.keys]
+        self.total = [torch.zeros_like(template[k], dtype=_accumulator(template[k].dtype)) for k in self.keys]
         self.count = 0
 
     def _floats(self, state: State) -> list[torch.Tensor]:
@@ -58,14 +62,17 @@ class RunningSum:
 
     def mean(self, plus: State | None = None, minus: State | None = None) -> dict[str, torch.Tensor]:
         """The average of the multiset, with ``plus`` added and/or ``minus`` removed for this call only."""
-        total, count = self.total, self.count
-        if plus is not None:
-            total, count = torch._foreach_add(total, self._floats(plus)), count + 1
-        if minus is not None:
-            total, count = torch._foreach_sub(total, self._floats(minus)), count - 1
+        count = self.count + (plus is not None) - (minus is not None)
         if count < 1:
             raise ValueError("the mean of an empty soup is undefined")
-        averaged = torch._foreach_div(total, float(count))
+        # One new buffer per tensor; every further operation is in place on it.
+        if plus is not None:
+            averaged = torch._foreach_add(self.total, self._floats(plus))
+        else:
+            averaged = torch._foreach_div(self.total, 1.0)
+        if minus is not None:
+            torch._foreach_sub_(averaged, self._floats(minus))
+        torch._foreach_div_(averaged, float(count))
         floats = {k: v.to(self.dtypes[k]) for k, v in zip(self.keys, averaged)}
         return {k: floats[k] if k in floats else self.fixed[k] for k in self.order}
 
