@@ -116,6 +116,8 @@ def test_missing_empty_or_wrong_runs_are_one_line_errors(tmp_path, capsys, ema_r
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no results.json"):
         find_runs(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="needs runs="):
+        _run(make_cfg("plots", ["kind=ema"], tmp_path / "noruns"))
     with pytest.raises(UserError, match="'ingredients'"):
         _run(make_cfg("plots", ["kind=soup", f"runs={ema_runs}/*"], tmp_path / "wrong"))
     with pytest.raises(SystemExit) as exit_info:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from omegaconf import OmegaConf
 
+from mergelab.errors import UserError
 from mergelab.plotting import find_runs, make_figures
 from mergelab.runner import Context
 
 
 def run(ctx: Context) -> dict:
     cfg = ctx.cfg
+    if OmegaConf.is_missing(cfg, "runs"):
+        raise UserError("plots.py needs runs=<glob of run folders>, e.g. runs='outputs/ema-multirun/*'")
     patterns = OmegaConf.to_container(cfg.runs) if OmegaConf.is_list(cfg.runs) else str(cfg.runs)
     runs = find_runs(patterns)
     metrics = list(cfg.metrics) if cfg.get("metrics") else None
