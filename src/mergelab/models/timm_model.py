@@ -7,11 +7,9 @@ import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
-import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from timm.models import adapt_input_conv
 from torch import nn
 
 from mergelab.errors import UserError
@@ -40,6 +38,8 @@ class TimmModel(ImageClassifier):
     def __init__(self, *, num_classes: int, in_channels: int, image_size: int, name: str = "resnet10t",
                  pretrained: bool = False, weights: str | None = None, kwargs: Mapping[str, Any] | None = None):
         super().__init__()
+        import timm  # imported here: timm takes seconds to import and only this model family needs it
+
         if not timm.is_model(name):
             raise UserError(f"unknown timm model {name!r}; timm.list_models() lists the names")
         if pretrained and weights:
@@ -85,6 +85,8 @@ def _adapt_first_conv(net: nn.Module, state: dict[str, torch.Tensor], path: Path
         return
     if state[key].shape[1] != own.shape[1] and state[key].shape[0] == own.shape[0]:
         log.info("weights %s: adapted %s from %d to %d input channels", path, key, state[key].shape[1], own.shape[1])
+        from timm.models import adapt_input_conv
+
         state[key] = adapt_input_conv(own.shape[1], state[key], base_chans=state[key].shape[1])
 
 
