@@ -39,10 +39,12 @@ class EMA:
             (0-based) optimiser step on; it is the last average, after the decays, labelled ``tail``.
         every: fold the weights in every ``every`` steps with decay ``decay ** every``, which keeps the averaging
             horizon (in steps) and divides the cost; 1 (the default) is the exact per-step recursion.
+        flatten: re-seat the model's averaged tensors as views of one contiguous buffer (see
+            :meth:`_flatten_sources`), so that an update reads them without a copy.
     """
 
     def __init__(self, model: nn.Module, decays: Iterable[float], warmup: bool = False, buffers: str = "average",
-                 tail_start: int | None = None, every: int = 1):
+                 tail_start: int | None = None, every: int = 1, flatten: bool = True):
         self.decays = [float(d) for d in decays]
         if not all(0.0 <= d < 1.0 for d in self.decays):
             raise ValueError(f"EMA decays must lie in [0, 1), got {self.decays}")
@@ -62,25 +64,47 @@ class EMA:
         self.keys = list(state)
         self.avg_keys = [k for k, v in state.items() if averaged(k, v)]
         self.copy_keys = [k for k in self.keys if k not in set(self.avg_keys)]
+        self._module_tensors = [state[k] for k in self.avg_keys]
         self._sources = [state[k].detach() for k in self.avg_keys]
         self._copy_sources = [state[k].detach() for k in self.copy_keys]
         # shadows[i] are views of row i of one (averages x numel) buffer, shaped like the weights.
         sizes = [t.numel() for t in self._sources]
         if len({(t.dtype, t.device) for t in self._sources}) > 1:
             raise ValueError("EMA expects every averaged tensor on one device with one dtype")
-        live = self._live()
+        live = self._flatten_sources(state) if flatten else self._live()
         self._flat = live.unsqueeze(0).repeat(len(self.labels), 1)
         self._weights = torch.zeros(len(self.labels), 1, dtype=live.dtype, device=live.device)
+        self._last_weights: list[float] = []
         self.shadows = [[v.view_as(t) for v, t in zip(row.split(sizes), self._sources)] for row in self._flat]
         self.copies = [[t.clone() for t in self._copy_sources] for _ in self.labels]
         self._flat_copies = [t for copy in self.copies for t in copy]
         self._flat_copy_sources = self._copy_sources * len(self.labels)
 
-    def _live(self) -> torch.Tensor:
-        """The live model's averaged tensors, concatenated into one vector."""
+    def _flatten_sources(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Move the live averaged tensors into one contiguous buffer, each becoming a view of it; return the buffer.
+
+        The module keeps the same Parameter objects (so optimisers built before are unaffected); only their storage
+        moves. Every update then reads the live weights as one vector instead of concatenating them.
+        """
         if not self._sources:
             return torch.zeros(0)
-        return torch.cat([t.reshape(-1) for t in self._sources])
+        flat = torch.cat([t.reshape(-1) for t in self._sources])
+        for key, view in zip(self.avg_keys, flat.split([t.numel() for t in self._sources])):
+            state[key].data = view.view_as(state[key])
+        self._sources = [state[k].detach() for k in self.avg_keys]
+        self._live_flat = flat
+        self._first_live = state[self.avg_keys[0]]  # the module's own tensor: its storage tells if views still hold
+        return flat
+
+    def _live(self) -> torch.Tensor:
+        """The live model's averaged tensors as one vector (no copy while they still share the flat buffer)."""
+        if not self._sources:
+            return torch.zeros(0)
+        flat = getattr(self, "_live_flat", None)
+        if flat is not None and self._first_live.data_ptr() == flat.data_ptr():
+            return flat
+        # The module's tensors moved (to another device, or into another EMA's flat buffer): read them as they are.
+        return torch.cat([t.detach().reshape(-1) for t in self._module_tensors])
 
     def decay_at(self, decay: float, step: int) -> float:
         """The decay used for the update that follows optimiser step ``step`` (0-based)."""
@@ -100,7 +124,9 @@ class EMA:
         weights = [1.0 - self.decay_at(d, step) ** self.every for d in self.decays]
         if self.tail_start is not None:
             weights.append(self.tail_weight_at(step))
-        self._weights.copy_(torch.tensor(weights).unsqueeze(1))
+        if weights != self._last_weights:  # constant after warm-up: skip the host-to-device copy
+            self._weights.copy_(torch.tensor(weights).unsqueeze(1))
+            self._last_weights = weights
         if self._sources:
             self._flat.lerp_(self._live().expand_as(self._flat), self._weights)
         if self._flat_copies:
