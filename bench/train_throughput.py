@@ -5,7 +5,7 @@ epoch adds what it always does (tqdm, loss accumulation, divergence checks, Tens
 0, 1 or 5 EMA decays. Epochs are interleaved (plain, runner, plain, runner...) so drift in machine speed hits both
 alike; the figure reported is the median steps/s ratio runner / plain.
 
-    python bench/train_throughput.py [--model mlpnet] [--epochs 12] [--batch-size 64]
+    python bench/train_throughput.py [--model mlpnet] [--epochs 12] [--batch-size 64] [--ema-every 1]
 """
 
 from __future__ import annotations
@@ -52,15 +52,18 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--ema-every", type=int, default=1, help="ema.every: fold the weights in every k steps")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("train", overrides=[f"model={args.model}", f"dataset={args.dataset}", "progress=false",
-                                          f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}"])
+                                          f"train.batch_size={args.batch_size}", f"train.epochs={args.epochs}",
+                                          f"ema.every={args.ema_every}"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     data = build_data(cfg.dataset, batch_size=args.batch_size, eval_batch_size=1024, seed=0, device=device)
-    print(f"model={args.model} dataset={args.dataset} batch={args.batch_size} steps/epoch={len(data.train)} "
+    print(f"model={args.model} dataset={args.dataset} batch={args.batch_size} ema.every={args.ema_every} "
+          f"steps/epoch={len(data.train)} "
           f"device={device} threads={torch.get_num_threads()}")
 
     def make_model():
