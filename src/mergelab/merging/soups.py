@@ -60,16 +60,28 @@ class RunningSum:
         torch._foreach_sub_(self.total, self._floats(state))
         self.count -= 1
 
-    def mean(self, plus: State | None = None, minus: State | None = None) -> dict[str, torch.Tensor]:
-        """The average of the multiset, with ``plus`` added and/or ``minus`` removed for this call only."""
+    def buffers(self) -> list[torch.Tensor]:
+        """Scratch tensors shaped like the sum, for :meth:`mean`'s ``out``: a selecting recipe scores many candidates,
+        and writing each into the same memory spares an allocation (and its page faults) of a whole model per step."""
+        return [torch.empty_like(t) for t in self.total]
+
+    def mean(self, plus: State | None = None, minus: State | None = None,
+             out: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The average of the multiset, with ``plus`` added and/or ``minus`` removed for this call only.
+
+        ``out`` (from :meth:`buffers`) receives the result, which then aliases it: it stays valid until ``out`` is
+        passed again. Without ``out`` the result is new memory.
+        """
         count = self.count + (plus is not None) - (minus is not None)
         if count < 1:
             raise ValueError("the mean of an empty soup is undefined")
-        # One new buffer per tensor; every further operation is in place on it.
+        averaged = self.buffers() if out is None else out
         if plus is not None:
-            averaged = torch._foreach_add(self.total, self._floats(plus))
+            # One pass per tensor: total + plus straight into the output.
+            for target, total, extra in zip(averaged, self.total, self._floats(plus)):
+                torch.add(total, extra, out=target)
         else:
-            averaged = torch._foreach_div(self.total, 1.0)
+            torch._foreach_copy_(averaged, self.total)
         if minus is not None:
             torch._foreach_sub_(averaged, self._floats(minus))
         torch._foreach_div_(averaged, float(count))
@@ -119,7 +131,8 @@ def greedy_soup(get: Callable[[int], State], order: Sequence[int], score: Score,
     ``passes > 1`` sweeps the rejected ingredients again in the same order (a soup that changed may now accept
     them); it stops early after a pass that adds nothing. Each ingredient enters at most once.
     ``max_ingredients`` caps the soup's size. ``get(i)`` returns ingredient ``i``'s state; ``on_accept(selected,
-    state)`` is called with each accepted soup (for curves), never with a rejected one.
+    state)`` is called with each accepted soup (for curves), never with a rejected one; that state is
+    overwritten by later steps, so copy it to keep it. ``score`` gets the same kind of short-lived candidate.
     """
     if not order:
         raise ValueError("greedy_soup needs at least one ingredient")
@@ -130,7 +143,9 @@ def greedy_soup(get: Callable[[int], State], order: Sequence[int], score: Score,
     soup = RunningSum(first)
     soup.add(first)
     selected = [order[0]]
-    state = soup.mean()
+    # Two buffers: the accepted soup and the candidate being scored; an accepted candidate swaps them.
+    kept, spare = soup.buffers(), soup.buffers()
+    state = soup.mean(out=kept)
     best = score(state)
     trace = [(list(selected), best)]
     if on_accept:
@@ -143,12 +158,13 @@ def greedy_soup(get: Callable[[int], State], order: Sequence[int], score: Score,
             if index in selected:
                 continue
             ingredient = get(index)
-            candidate = soup.mean(plus=ingredient)
+            candidate = soup.mean(plus=ingredient, out=spare)
             value = score(candidate)
             if _improves(value, best, strict):
                 soup.add(ingredient)
                 selected.append(index)
                 state, best, grew = candidate, value, True
+                kept, spare = spare, kept
                 trace.append((list(selected), best))
                 if on_accept:
                     on_accept(list(selected), state)
@@ -178,7 +194,8 @@ def pruned_soup(get: Callable[[int], State], order: Sequence[int], score: Score,
             soup = RunningSum(ingredient)
         soup.add(ingredient)
     kept = list(order)
-    state = soup.mean()
+    current_buffers, spare = soup.buffers(), soup.buffers()  # as in greedy_soup: the current soup and a candidate
+    state = soup.mean(out=current_buffers)
     current = score(state)
     trace = [(list(kept), current)]
     for _ in range(passes):
@@ -187,12 +204,13 @@ def pruned_soup(get: Callable[[int], State], order: Sequence[int], score: Score,
             if len(kept) <= min_ingredients:
                 break
             ingredient = get(index)
-            candidate = soup.mean(minus=ingredient)
+            candidate = soup.mean(minus=ingredient, out=spare)
             value = score(candidate)
             if _improves(value, current, strict):
                 soup.remove(ingredient)
                 kept.remove(index)
                 state, current, shrank = candidate, value, True
+                current_buffers, spare = spare, current_buffers
                 trace.append((list(kept), current))
         if not shrank:
             break
