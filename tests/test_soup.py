@@ -85,12 +85,16 @@ def test_running_sum_greedy_equals_re_averaging_from_scratch():
     score = lambda s: -sum(float((s[k].double() - target[k].double()).square().sum()) for k in target  # noqa: E731
                            if s[k].is_floating_point())
     order = [5, 0, 7, 1, 2, 6, 3, 4]
-    result = soups.greedy_soup(states.__getitem__, order, score)
+    accepted = []  # every accepted soup as the callback saw it (copied: candidates live in reused buffers)
+    result = soups.greedy_soup(states.__getitem__, order, score,
+                               on_accept=lambda sel, s: accepted.append((sel, {k: v.clone() for k, v in s.items()})))
     expected, best = naive_greedy(states, order, score)
     assert result.selected == expected and 1 < len(expected) < 8
     assert result.score == pytest.approx(best)
     assert_states_close(result.state, naive_mean([states[i] for i in expected]))
     assert [n for n, _ in result.trace][-1] == expected
+    for selected, state in accepted:  # each accepted soup is the mean of its selection at that step
+        assert_states_close(state, naive_mean([states[i] for i in selected]))
 
 
 def test_greedy_second_pass_takes_a_rejected_ingredient_that_now_helps():
