@@ -96,7 +96,7 @@ def test_divergence_stops_with_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_cli_errors_are_one_line_with_nonzero_exit(tmp_path):
-    missing = run_script("train.py", f"resume={tmp_path}/nothing", check=False)
+    missing = run_script("train.py", f"resume={tmp_path}/nothing", f"hydra.run.dir={tmp_path}/run", check=False)
     assert missing.returncode == 2
     assert missing.stderr.strip().startswith("error: invalid resume folder") and len(missing.stderr.strip().splitlines()) == 1
     nodata = run_script("train.py", "dataset=cifar10", f"dataset.root={tmp_path}/none", f"hydra.run.dir={tmp_path}/run", check=False)
