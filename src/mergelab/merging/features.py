@@ -12,8 +12,9 @@ feature matrix (nor a samples x units x units tensor).
 from __future__ import annotations
 
 import itertools
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -128,16 +129,11 @@ def feature_stats(models: Sequence[nn.Module], graph: UnitGraph, batches: Iterab
     groups = [g for g in graph.hooks if g in graph.groups] if groups is None else list(groups)
     modules = hook_modules(graph, groups, where)
     captured: list[dict[Group, list[torch.Tensor]]] = [{g: [] for g in groups} for _ in models]
-    handles = []
-    for model, store in zip(models, captured):
-        for group, writers in modules.items():
-            for name, read_input in writers:
-                handles.append(model.get_submodule(name).register_forward_hook(_capture(store[group], read_input)))
-    was_training = [model.training for model in models]
+    hooks = [(model, name, _capture(store[group], read_input))
+             for model, store in zip(models, captured)
+             for group, writers in modules.items() for name, read_input in writers]
     accumulators: dict[Group, _Accumulator] = {}
-    try:
-        for model in models:
-            model.eval()
+    with hooked_eval(models, hooks):
         for x, _ in itertools.islice(batches, num_batches):
             for model in models:
                 model(x)
@@ -150,15 +146,26 @@ def feature_stats(models: Sequence[nn.Module], graph: UnitGraph, batches: Iterab
                     accumulators[group].add(joined)
                 for features in per_model:
                     features.clear()
+    if not accumulators:
+        raise ValueError("feature_stats: no batches to read features from")
+    return {group: FeatureStats(len(models), graph.groups[group], acc.count, acc.sum, acc.outer)
+            for group, acc in accumulators.items()}
+
+
+@contextmanager
+def hooked_eval(models: Sequence[nn.Module], hooks: Iterable[tuple[nn.Module, str, Callable]]) -> Iterator[None]:
+    """``models`` in eval mode with forward hooks ``(model, module name, hook)`` registered; both undone on exit."""
+    was_training = [model.training for model in models]
+    handles = [model.get_submodule(name).register_forward_hook(hook) for model, name, hook in hooks]
+    try:
+        for model in models:
+            model.eval()
+        yield
     finally:
         for handle in handles:
             handle.remove()
         for model, mode in zip(models, was_training):
             model.train(mode)
-    if not accumulators:
-        raise ValueError("feature_stats: no batches to read features from")
-    return {group: FeatureStats(len(models), graph.groups[group], acc.count, acc.sum, acc.outer)
-            for group, acc in accumulators.items()}
 
 
 def _capture(store: list[torch.Tensor], read_input: bool):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mergelab.errors import UserError
-from mergelab.merging.features import FeatureStats, as_samples
+from mergelab.merging.features import FeatureStats, as_samples, hooked_eval
 from mergelab.models.graph import Group, Layer, UnitGraph
 from mergelab.models.multihead import Cut, MultiHead, split_at, trunk_layers
 
@@ -321,17 +321,10 @@ def channel_moments(model: nn.Module, names: Sequence[str], batches: Iterable, n
                     ) -> dict[str, _Moments]:
     """Per-channel mean and std of the outputs of modules ``names`` of ``model`` (eval mode), in one pass."""
     moments = {name: _Moments() for name in names}
-    handles = [model.get_submodule(name).register_forward_hook(lambda m, i, out, s=moments[name]: s.add(out))
-               for name in names]
-    was_training = model.training
-    model.eval()
-    try:
+    hooks = [(model, name, lambda m, i, out, s=moments[name]: s.add(out)) for name in names]
+    with hooked_eval([model], hooks):
         for x, _ in itertools.islice(batches, num_batches):
             model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
     return moments
 
 
@@ -369,16 +362,9 @@ def repair(zipped: MultiHead, parents: Sequence[nn.Module], layers: Sequence[Lay
         return hook
 
     trunk = zipped.trunk
-    handles = [trunk.get_submodule(name).register_forward_hook(renormalise(name)) for name in names]
-    was_training = zipped.training
-    zipped.eval()
-    try:
+    with hooked_eval([zipped], [(trunk, name, renormalise(name)) for name in names]):
         for x, _ in itertools.islice(batches, num_batches):
             zipped(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-        zipped.train(was_training)
     for layer in points:
         mean, std = targets[layer.name]
         scale = std / (measured[layer.name].std.square() + eps).sqrt()
