@@ -3,7 +3,7 @@
     python bench/fusion_table.py outputs/fusion_digits/fuse
 
 Layout (written by bench/fusion_digits.sh): ``<root>/<setting>/<method family>/<job>/results.json``. Per setting one
-table (each model, the ensemble and the vanilla average once, then every method's rows: as fused, ``+bn reset``,
+table (each model, the ensemble and the vanilla average once, then every method's rows: as fused, ``+recompute_bn``,
 ``+retrain``) and one barrier table (test loss along the line from the anchor to model 1, vanilla and after each
 alignment: the height and the lowest accuracy on the path; two-model settings only, as the path from the anchor to
 model 1 does not depend on the other models). The parents' rows must agree across the runs of a
@@ -43,7 +43,7 @@ def short_name(method: str) -> str:
 
 
 def is_baseline(method: str) -> bool:
-    return method.startswith("model ") or method == "ensemble" or method.split(" +")[0] == "average"
+    return method.startswith("model ") or method == "ensemble" or re.split(r" ?\+", method)[0] == "average"
 
 
 def method_table(runs: list[dict]) -> list[str]:

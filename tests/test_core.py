@@ -13,7 +13,7 @@ from mergelab.checkpoints import (
 )
 from mergelab.ema import EMA
 from mergelab.errors import UserError
-from mergelab.evaluation import recalibrate_bn
+from mergelab.evaluation import recompute_bn
 
 
 def small_bn_net():
@@ -149,12 +149,12 @@ def test_optimizer_state_flattens_to_safetensors_and_back(tmp_path):
         assert torch.equal(restored.state_dict()["state"][0][k], v)
 
 
-def test_recalibrate_bn_matches_torch_update_bn():
+def test_recompute_bn_matches_torch_update_bn():
     from torch.optim.swa_utils import update_bn
 
     batches = [(torch.randn(32, 4) * 3 + 1, torch.zeros(32, dtype=torch.long)) for _ in range(5)]
     ours, theirs = small_bn_net(), small_bn_net()
-    recalibrate_bn(ours, batches)
+    recompute_bn(ours, batches)
     update_bn([x for x, _ in batches], theirs)
     bn_ours, bn_theirs = ours[1], theirs[1]
     assert not torch.allclose(bn_ours.running_mean, torch.zeros(8))

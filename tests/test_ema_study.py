@@ -56,7 +56,7 @@ def test_one_run_tracks_every_decay_exactly_as_one_run_per_decay(tmp_path):
     assert results["task"] == "ema"
     methods = [row["method"] for row in results["table"]]
     assert methods == ["raw", "ema0.9", "ema0.99", "ema0.999", "ema0.9995", "ema0.9997", "tail"]
-    assert all("bn_val_acc" not in row for row in results["table"])  # no BatchNorm in an MLP
+    assert all("recompute_bn_val_acc" not in row for row in results["table"])  # no BatchNorm in an MLP
     # Every average was evaluated after every epoch, on val and test.
     assert all(f"{m}/{s}_acc" in record for record in results["history"] for m in methods for s in ("val", "test"))
     best = max(methods[1:-1], key=lambda m: results["metrics"][f"{m}/val_acc"])
@@ -75,11 +75,11 @@ def test_batchnorm_is_reported_with_averaged_and_recomputed_statistics(tmp_path)
     rows = {row["method"]: row for row in results["table"]}
     assert list(rows) == ["raw", "ema0.9", "ema0.999", "tail"]
     for name in ("ema0.9", "ema0.999", "tail"):
-        assert {"val_acc", "test_acc", "bn_val_acc", "bn_test_acc"} <= rows[name].keys()
+        assert {"val_acc", "test_acc", "recompute_bn_val_acc", "recompute_bn_test_acc"} <= rows[name].keys()
     # After a short run the 0.999 average still holds its initial BatchNorm statistics; recomputing them for its
     # weights changes what it predicts, so the two columns must come from different models.
     assert (rows["ema0.999"]["val_acc"], rows["ema0.999"]["test_acc"]) != \
-        (rows["ema0.999"]["bn_val_acc"], rows["ema0.999"]["bn_test_acc"])
+        (rows["ema0.999"]["recompute_bn_val_acc"], rows["ema0.999"]["recompute_bn_test_acc"])
 
 
 @pytest.mark.parametrize("override", [

@@ -53,5 +53,5 @@ def test_ema_experiments_run_at_reduced_size(tmp_path, name):
     results = json.loads((tmp_path / "results.json").read_text())
     assert [row["method"] for row in results["table"]] == \
         ["raw", "ema0.9", "ema0.99", "ema0.999", "ema0.9995", "ema0.9997", "tail"]
-    assert all("bn_test_acc" in row for row in results["table"][1:])  # ResNet-20 has BatchNorm: both ways
+    assert all("recompute_bn_test_acc" in row for row in results["table"][1:])  # ResNet-20 has BatchNorm: both ways
     assert results["config"]["model"]["_target_"].endswith("resnet20")

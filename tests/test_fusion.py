@@ -93,13 +93,13 @@ def test_ot_plan_between_a_layer_and_its_permutation_is_the_permutation():
     graph = unit_graph(model)
     perms = random_permutation(graph, torch.Generator().manual_seed(3))
     permuted = apply_permutation(graph, model.state_dict(), perms)
-    for correction in (True, False):
-        plans = transport_plans(graph, model.state_dict(), permuted, correction=correction)
+    for rescale in (True, False):
+        plans = transport_plans(graph, model.state_dict(), permuted, rescale_plan=rescale)
         for group, perm in perms.items():
             n = len(perm)
             # B's unit i is A's unit perm[i]: the plan moves all of its mass there.
             expected = torch.zeros(n, n, dtype=torch.float64)
-            expected[torch.arange(n), perm] = 1.0 if correction else 1.0 / n
+            expected[torch.arange(n), perm] = 1.0 if rescale else 1.0 / n
             torch.testing.assert_close(plans[group], expected)
 
 
@@ -192,11 +192,12 @@ def test_fuse_task_reports_every_row_barrier_and_sharpness(trained, tmp_path):
     assert (tmp_path / "checkpoints" / "fused.safetensors").is_file()
 
 
-def test_fuse_resnet_activations_with_bn_reset_and_three_weighted_models(trained, tmp_path):
+def test_fuse_resnet_activations_with_recompute_bn_and_three_weighted_models(trained, tmp_path):
     _run(make_cfg("fuse", [*SMALL, f"models={trained}/resnet*", "merge=permute", "merge.alignment=activations",
                            "merge.num_samples=200", "barrier.points=3"], tmp_path / "resnet"))
     methods = [r["method"] for r in results(tmp_path / "resnet")["table"]]
-    assert methods[-4:] == ["average", "average +bn reset", "permute-activations", "permute-activations +bn reset"]
+    assert methods[-4:] == ["average", "average+recompute_bn", "permute-activations",
+                            "permute-activations+recompute_bn"]
 
     _run(make_cfg("fuse", [*SMALL, f"models={trained}/mlp*", "merge=permute", "weights=[2,1,1]", "barrier.points=3"],
                   tmp_path / "three"))

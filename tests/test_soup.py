@@ -238,25 +238,25 @@ def test_selection_never_looks_at_the_test_split(tmp_path, monkeypatch, trained_
     assert [m["test_acc"] for m in honest["methods"]] != [m["test_acc"] for m in shifted["methods"]]
 
 
-def test_bn_recalibration_matches_update_bn_and_average_keeps_averaged_buffers(tmp_path):
+def test_recompute_bn_matches_update_bn_and_false_keeps_averaged_buffers(tmp_path):
     small = ["model.width=0.125"]  # a small VGG11 with BatchNorm keeps this test fast
     paths = make_population(tmp_path / "pop", 3, model="vgg11", noise=0.05, overrides=small)
     less = "dataset.max_train_samples=400"
-    recal, recal_dir = soup_results(tmp_path, f"{tmp_path}/pop/*", "merge=uniform", "bn=recalibrate", less)
-    avg, avg_dir = soup_results(tmp_path, f"{tmp_path}/pop/*", "merge=uniform", "bn=average", less, name="avg")
+    recal, recal_dir = soup_results(tmp_path, f"{tmp_path}/pop/*", "merge=uniform", "recompute_bn=true", less)
+    avg, avg_dir = soup_results(tmp_path, f"{tmp_path}/pop/*", "merge=uniform", "recompute_bn=false", less, name="avg")
     averaged = naive_mean([load_checkpoint(p)[0] for p in paths])
     kept, _ = load_checkpoint(avg_dir / "checkpoints" / "uniform.safetensors")
     assert_states_close(kept, averaged)
-    recalibrated, _ = load_checkpoint(recal_dir / "checkpoints" / "uniform.safetensors")
+    recomputed, _ = load_checkpoint(recal_dir / "checkpoints" / "uniform.safetensors")
     reference = build_model(make_cfg("train", ["model=vgg11", *small]).model, 10, 1, 8)
     reference.load_state_dict(averaged)
     data = build_data(make_cfg("soup", [less]).dataset, batch_size=1024, eval_batch_size=1024, seed=0,
                       device=torch.device("cpu"))
     torch.optim.swa_utils.update_bn(data.train_eval, reference)
     for k, v in reference.state_dict().items():
-        torch.testing.assert_close(recalibrated[k], v, msg=k)
+        torch.testing.assert_close(recomputed[k], v, msg=k)
     stats = [k for k in averaged if k.endswith("running_mean")]
-    assert stats and not any(torch.allclose(recalibrated[k], averaged[k]) for k in stats)
+    assert stats and not any(torch.allclose(recomputed[k], averaged[k]) for k in stats)
     assert recal["metrics"]["uniform/val_acc"] != avg["metrics"]["uniform/val_acc"] or \
         recal["metrics"]["uniform/test_acc"] != avg["metrics"]["uniform/test_acc"]
 
@@ -308,8 +308,8 @@ def test_soup_errors_name_the_problem(tmp_path):
         soup_results(tmp_path, f"{tmp_path}/mixed/*", "+merge.alpha=0.5")
     with pytest.raises(UserError, match="merge=Average is not a soup recipe"):
         soup_results(tmp_path, f"{tmp_path}/mixed/*", "merge=average")
-    with pytest.raises(UserError, match="bn=both"):
-        soup_results(tmp_path, f"{tmp_path}/mixed/*", "bn=both")
+    with pytest.raises(UserError, match="recompute_bn=both"):
+        soup_results(tmp_path, f"{tmp_path}/mixed/*", "recompute_bn=both")
 
 
 def test_predictions_for_an_image_folder_and_hard_vote_of_csvs(tmp_path, trained_mlp):

@@ -313,7 +313,7 @@ def test_zip_refuses_bad_input(task_models, tmp_path):
 
     fails(task_models / "task0", "at least 2 task models")
     fails(task_models / "task*", "stop_at=9 names no layer", ["merge.stop_at=9"])
-    fails(task_models / "task*", "zip.corrections", ["zip.corrections=[fix]"])
+    fails(task_models / "task*", "merge.correction", ["merge.correction=[fix]"])
     overlap = tmp_path / "overlap"
     rewrite(second, overlap / "b.safetensors", dataset={"classes": [4, 5, 6, 7, 8]})
     save_checkpoint(overlap / "a.safetensors", *load_checkpoint(first))

@@ -33,7 +33,7 @@ class EMA:
             averages are not dominated by the random initialisation.
         buffers: what the averaged model holds for floating-point buffers (BatchNorm running statistics):
             ``"average"`` averages them like weights; ``"copy"`` copies the live model's. Integer buffers
-            (``num_batches_tracked``) are always copied. Either way, :func:`mergelab.evaluation.recalibrate_bn`
+            (``num_batches_tracked``) are always copied. Either way, :func:`mergelab.evaluation.recompute_bn`
             can recompute the statistics for the averaged weights before evaluation.
         tail_start: if not None, also keep the uniform average of the weights after every step from this
             (0-based) optimiser step on; it is the last average, after the decays, labelled ``tail``.

@@ -1,4 +1,4 @@
-"""Evaluation: logits, accuracy and loss of a model on a split, and BatchNorm recalibration."""
+"""Evaluation: logits, accuracy and loss of a model on a split, and BatchNorm statistics recomputation."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def recalibrate_bn(model: nn.Module, batches: Batches) -> nn.Module:
+def recompute_bn(model: nn.Module, batches: Batches) -> nn.Module:
     """Recompute every BatchNorm's running statistics for the current weights, in place.
 
     Statistics are reset and re-estimated as an equal-weight average over the batches (``momentum=None``), exactly

@@ -136,7 +136,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 # ---------------------------------------------------------------------------------------------------------- EMA
 def averaged_models(run: Run) -> list[str]:
-    """The models a train/ema run evaluated (``raw``, each ``ema<decay>``, ``tail``), without ``+bn`` variants."""
+    """The models a train/ema run evaluated (``raw``, each ``ema<decay>``, ``tail``), without ``+recompute_bn``
+    variants."""
     names = dict.fromkeys(key.split("/")[0] for key in run.results.get("metrics", {}) if key.endswith("/test_acc"))
     return [n for n in names if n == "raw" or n.startswith("ema") or n == "tail"]
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from mergelab.checkpoints import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
 from mergelab.ema import EMA
 from mergelab.errors import UserError
-from mergelab.evaluation import evaluate, has_batchnorm, recalibrate_bn
+from mergelab.evaluation import evaluate, has_batchnorm, recompute_bn
 from mergelab.reporting import RunLogger
 
 STATE_FILE = "state.safetensors"
@@ -173,8 +173,8 @@ class Trainer:
             self._eval_model.load_state_dict(self.ema.state_dict_for(i))
             yield label, self._eval_model
             if self.recompute_bn:
-                recalibrate_bn(self._eval_model, self.data.train_eval)
-                yield label + "+bn", self._eval_model
+                recompute_bn(self._eval_model, self.data.train_eval)
+                yield label + "+recompute_bn", self._eval_model
 
     def evaluate_all(self) -> dict[str, float]:
         """``{"<model>/<split>_<metric>": value}`` for every model of :meth:`averaged_models` on val and test."""

@@ -9,9 +9,9 @@ layer with input plan ``T~_in``:
    Euclidean or cosine, squared or not, optionally normalised by its max/mean/median;
 3. marginals ``alpha`` (B) and ``beta`` (A): uniform, or proportional to the units' incoming weight norms;
 4. plan ``T = argmin <T, M>`` s.t. ``T 1 = alpha, T^T 1 = beta``: exact EMD (``ot.emd``) or entropic (``ot.sinkhorn``);
-5. ``correction``: ``T~ = T diag(1/beta)``, so every A unit receives a convex combination of B units and an equal-width
-   permutation plan becomes a permutation matrix; without it ``T~ = T`` (the reference code's default, which
-   scales the aligned weights by the marginals).
+5. ``rescale_plan`` (the reference's ``--correction``): ``T~ = T diag(1/beta)``, so every A unit receives a convex
+   combination of B units and an equal-width permutation plan becomes a permutation matrix; without it ``T~ = T``
+   (the reference code's default, which scales the aligned weights by the marginals).
 
 Every axis of every tensor of B indexed by a group is then contracted with that group's ``T~``: output rows
 ``T~^T W``, inputs ``W T~``, BatchNorm vectors ``T~^T v``. Groups tied by the unit graph (a ResNet's residual stream,
@@ -129,7 +129,7 @@ def solve_plan(alpha: np.ndarray, beta: np.ndarray, cost: torch.Tensor, *, solve
 def transport_plans(graph: UnitGraph, state_a: State, state_b: State, *, alignment: str = "weights",
                     stats: Mapping[Group, FeatureStats] | None = None, a: int = 0, b: int = 1,
                     ground_metric: str = "euclidean", squared: bool = False, normalize: str = "none",
-                    solver: str = "emd", reg: float = 0.01, marginals: str = "uniform", correction: bool = True,
+                    solver: str = "emd", reg: float = 0.01, marginals: str = "uniform", rescale_plan: bool = True,
                     past_correction: bool = True, max_iter: int = 1000, tol: float = 1e-3
                     ) -> dict[Group, torch.Tensor]:
     """``{group: T~}`` (n_B x n_A, float64) aligning model B to model A (steps 1-5 of the module docstring).
@@ -159,7 +159,7 @@ def transport_plans(graph: UnitGraph, state_a: State, state_b: State, *, alignme
         alpha, beta = marginal(rows_b, marginals), marginal(rows_a, marginals)
         plan = solve_plan(alpha, beta, cost, solver=solver, reg=reg, max_iter=max_iter, tol=tol,
                           where=f"unit group {group} (layer {layer.name})")
-        plans[group] = plan / torch.from_numpy(beta)[None, :] if correction else plan
+        plans[group] = plan / torch.from_numpy(beta)[None, :] if rescale_plan else plan
     return plans
 
 
@@ -187,13 +187,13 @@ class OTFusion:
 
     def __init__(self, alignment: str = "weights", where: str = "pre", num_samples: int = 200, *,
                  ground_metric: str = "euclidean", squared: bool = False, normalize: str = "none",
-                 solver: str = "emd", reg: float = 0.01, marginals: str = "uniform", correction: bool = True,
+                 solver: str = "emd", reg: float = 0.01, marginals: str = "uniform", rescale_plan: bool = True,
                  past_correction: bool = True, max_iter: int = 1000, tol: float = 1e-3):
         check_options(alignment=alignment, ground_metric=ground_metric, normalize=normalize, solver=solver,
                       marginals=marginals, reg=reg)
         self.alignment, self.where, self.num_samples = alignment, where, num_samples
         self.options = dict(ground_metric=ground_metric, squared=squared, normalize=normalize, solver=solver,
-                            reg=reg, marginals=marginals, correction=correction, past_correction=past_correction,
+                            reg=reg, marginals=marginals, rescale_plan=rescale_plan, past_correction=past_correction,
                             max_iter=max_iter, tol=tol)
 
     def align(self, graph: UnitGraph, state_a: State, state_b: State, stats=None, a: int = 0,

@@ -377,7 +377,7 @@ def _fold_affine(module: nn.Module, layer: Layer, scale: torch.Tensor, shift: to
     weight = module.weight
     bias = getattr(module, "bias", None)
     if bias is None:
-        raise UserError(f"REPAIR needs a bias or a BatchNorm after {layer.name}; use reset_bn or none for this "
+        raise UserError(f"REPAIR needs a bias or a BatchNorm after {layer.name}; use recompute_bn or none for this "
                         "model, or build it with model.bias=true")
     weight.mul_(scale.to(weight).view(-1, *([1] * (weight.ndim - 1))))
     bias.mul_(scale.to(bias)).add_(shift.to(bias))

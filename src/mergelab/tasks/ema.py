@@ -12,7 +12,7 @@ from mergelab.runner import Context
 from mergelab.tasks import train
 
 METRICS = ("val_acc", "test_acc")
-BN_SUFFIX = "+bn"
+BN_SUFFIX = "+recompute_bn"
 
 
 def run(ctx: Context) -> dict:
@@ -25,19 +25,20 @@ def run(ctx: Context) -> dict:
 
 
 def averages_in(record: dict[str, float]) -> list[str]:
-    """The averaged models of an evaluation record in order (``raw``, the decays, ``tail``), without ``+bn``."""
+    """The averaged models of an evaluation record in order (``raw``, the decays, ``tail``), without
+    ``+recompute_bn``."""
     names = dict.fromkeys(key.split("/")[0] for key in record if "/" in key)
     return [name for name in names if not name.endswith(BN_SUFFIX)]
 
 
 def study_table(record: dict[str, float]) -> list[dict]:
     """One row per model: no EMA, each decay, the tail average; val and test accuracy with averaged BatchNorm
-    statistics and, where measured, with statistics recomputed for the averaged weights (``bn_*`` columns)."""
+    statistics and, where measured, with statistics recomputed for the averaged weights (``recompute_bn_*`` columns)."""
     rows = []
     for name in averages_in(record):
         row = {"method": name, **{m: record.get(f"{name}/{m}") for m in METRICS}}
         if f"{name}{BN_SUFFIX}/val_acc" in record:
-            row.update({f"bn_{m}": record[f"{name}{BN_SUFFIX}/{m}"] for m in METRICS})
+            row.update({f"recompute_bn_{m}": record[f"{name}{BN_SUFFIX}/{m}"] for m in METRICS})
         rows.append(row)
     return rows
 

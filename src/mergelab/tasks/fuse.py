@@ -1,7 +1,7 @@
 """fuse.py: align two or more trained models to an anchor and average them (``merge=average|permute|ot``).
 
 Reports, on validation and test, each model alone, the prediction ensemble (mean logits), the vanilla average and the
-method (each with BatchNorm statistics kept and, with ``bn=reset``, recomputed on training data), optionally after
+method (each with the corrections of ``merge.correction``: ``none``, ``recompute_bn``), optionally after
 retraining; the loss barrier between the anchor and the second model before and after alignment; optionally the
 Hessian sharpness of the models. Parents can be pruned (and retrained) first.
 """
@@ -12,14 +12,14 @@ import copy
 import time
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from mergelab.barrier import interpolation_curve
 from mergelab.checkpoints import save_checkpoint
+from mergelab.config import corrections, instantiate
 from mergelab.errors import UserError
-from mergelab.evaluation import evaluate, has_batchnorm, metrics_from_logits, predict, recalibrate_bn
+from mergelab.evaluation import evaluate, has_batchnorm, metrics_from_logits, predict, recompute_bn
 from mergelab.merging.average import fusion_weights, weighted_average
 from mergelab.merging.features import feature_stats
 from mergelab.merging.soups import logit_ensemble
@@ -56,10 +56,10 @@ def run(ctx: Context) -> dict:
         weights = fusion_weights(cfg.weights, len(models))
     except ValueError as exc:
         raise UserError(f"weights={cfg.weights}: {exc}") from None
-    merge = instantiate(cfg.merge)
-    reset_bn = cfg.bn == "reset" and has_batchnorm(models[0])
-    if cfg.bn not in ("reset", "keep"):
-        raise UserError(f"bn={cfg.bn} is not one of reset, keep")
+    merge = instantiate(cfg.merge, key="merge", exclude=["correction"])
+    # REPAIR is zip.py's (merge.correction=repair there); the merge engine brings it here.
+    fixes = corrections(cfg.merge.correction, ("none", "recompute_bn"))
+    recompute = "recompute_bn" in fixes and has_batchnorm(models[0])
 
     table, extra = [], {}
     if cfg.prune.fraction > 0:
@@ -73,7 +73,7 @@ def run(ctx: Context) -> dict:
     fused_models = {}
     start = time.perf_counter()
     average = build(models[0], weighted_average(states, weights))
-    table += bn_rows("average", average, data, time.perf_counter() - start, reset_bn)
+    table += bn_rows("average", average, data, time.perf_counter() - start, fixes, recompute)
     fused_models["average"] = average
 
     aligned = states
@@ -82,7 +82,7 @@ def run(ctx: Context) -> dict:
         aligned = align_all(merge, graph, models, states, anchor, data, cfg.seed)
         fused = build(models[0], weighted_average(aligned, weights))
         label = method_label(merge)
-        table += bn_rows(label, fused, data, time.perf_counter() - start, reset_bn)
+        table += bn_rows(label, fused, data, time.perf_counter() - start, fixes, recompute)
         fused_models[label] = fused
     label, fused = list(fused_models.items())[-1]
     save_checkpoint(ctx.run_dir / "checkpoints" / "fused.safetensors", fused.state_dict(),
@@ -97,10 +97,10 @@ def run(ctx: Context) -> dict:
     other = 1 if anchor != 1 else 0
     extra["barrier"] = [
         {"name": f"{names[anchor]} - {names[other]} (vanilla)",
-         **barrier(models[0], states[anchor], states[other], data, cfg.barrier, reset_bn)}]
+         **barrier(models[0], states[anchor], states[other], data, cfg.barrier, recompute)}]
     if merge.name != "average":
         extra["barrier"].append({"name": f"{names[anchor]} - {names[other]} ({method_label(merge)})",
-                                 **barrier(models[0], states[anchor], aligned[other], data, cfg.barrier, reset_bn)})
+                                 **barrier(models[0], states[anchor], aligned[other], data, cfg.barrier, recompute)})
     if cfg.sharpness.enabled:
         subjects = {names[anchor]: models[anchor], **fused_models}
         extra["sharpness"] = {name: sharpness(model, data, cfg.sharpness, ctx.seed)
@@ -146,13 +146,14 @@ def ensemble_row(models: list[nn.Module], data) -> dict:
     return {**out, "time_s": 0.0}
 
 
-def bn_rows(label: str, model: nn.Module, data, time_s: float, reset_bn: bool) -> list[dict]:
-    """The merged model as is, and with BatchNorm statistics recomputed on training data when ``bn=reset``."""
-    rows = [row(label, model, data, time_s)]
-    if reset_bn:
+def bn_rows(label: str, model: nn.Module, data, time_s: float, fixes: list[str], recompute: bool) -> list[dict]:
+    """The merged model as is (``none`` in ``merge.correction``), and with BatchNorm statistics recomputed on
+    training data (``recompute_bn``, for models with BatchNorm; in place)."""
+    rows = [row(label, model, data, time_s)] if "none" in fixes or not recompute else []
+    if recompute:
         start = time.perf_counter()
-        recalibrate_bn(model, data.train_eval)
-        rows.append(row(f"{label} +bn reset", model, data, time_s + time.perf_counter() - start))
+        recompute_bn(model, data.train_eval)
+        rows.append(row(f"{label}+recompute_bn", model, data, time_s + time.perf_counter() - start))
     return rows
 
 
@@ -207,14 +208,14 @@ def prune_parents(ctx: Context, models, names, graph, data, table: list, meta: d
     return report
 
 
-def barrier(template: nn.Module, state_a: dict, state_b: dict, data, cfg, reset_bn: bool) -> dict:
+def barrier(template: nn.Module, state_a: dict, state_b: dict, data, cfg, recompute: bool) -> dict:
     model = copy.deepcopy(template)
     batches = getattr(data, cfg.split)
 
     def measure(state):
         model.load_state_dict(state)
-        if reset_bn:
-            recalibrate_bn(model, data.train_eval)
+        if recompute:
+            recompute_bn(model, data.train_eval)
         return evaluate(model, batches)
 
     return interpolation_curve(state_a, state_b, int(cfg.points), measure)

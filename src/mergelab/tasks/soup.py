@@ -25,7 +25,7 @@ from torch import nn
 from mergelab.checkpoints import load_checkpoint, read_meta, save_checkpoint
 from mergelab.data import build_data
 from mergelab.errors import UserError
-from mergelab.evaluation import has_batchnorm, predict, recalibrate_bn
+from mergelab.evaluation import has_batchnorm, predict, recompute_bn
 from mergelab.merging import soups
 from mergelab.population import check_same_architecture, model_from_meta, resolve_checkpoints
 from mergelab.runner import Context
@@ -40,7 +40,8 @@ RUN_KEYS = ("hparams", "metrics", "epoch", "step", "index", "history", "ema_deca
 def run(ctx: Context) -> dict:
     cfg = ctx.cfg
     recipes = soup_recipes(cfg)
-    _check_choice("bn", cfg.bn, ("recalibrate", "average"))
+    if not isinstance(cfg.recompute_bn, bool):
+        raise UserError(f"recompute_bn={cfg.recompute_bn} is not one of true, false")
     _check_choice("metric", cfg.metric, METRICS)
     votes = predictions_vote(ctx) if cfg.predict.vote else None
     if not cfg.ingredients:
@@ -52,8 +53,8 @@ def run(ctx: Context) -> dict:
     data = build_data(cfg.dataset, batch_size=int(cfg.eval_batch_size), eval_batch_size=int(cfg.eval_batch_size),
                       seed=seed, device=ctx.device)
     population.check_dataset(data)
-    scorer = Scorer(model_from_meta(population.metas[0], population.paths[0]).to(ctx.device), data, cfg.bn,
-                    cfg.metric, ctx.device)
+    scorer = Scorer(model_from_meta(population.metas[0], population.paths[0]).to(ctx.device), data,
+                    bool(cfg.recompute_bn), cfg.metric, ctx.device)
     study = Study(ctx, population, scorer, split_seed(cfg.dataset, seed))
     study.individuals(cache_dir(ctx))
     study.best()
@@ -217,25 +218,25 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 class Scorer:
-    """One evaluation model: loads a state, recalibrates BatchNorm for averaged states when ``bn=recalibrate``
+    """One evaluation model: loads a state, recomputes BatchNorm statistics for averaged states when ``recompute_bn``
     (the fix of the ModelSoup study; averaged running statistics do not describe the averaged network), and scores
     it on the validation split. :meth:`score` is the only thing selection ever calls."""
 
-    def __init__(self, model: nn.Module, data, bn: str, metric: str, device: torch.device):
+    def __init__(self, model: nn.Module, data, recompute: bool, metric: str, device: torch.device):
         self.model, self.data, self.metric, self.device = model, data, metric, device
-        self.recalibrate = bn == "recalibrate" and has_batchnorm(model)
+        self.recompute_bn = recompute and has_batchnorm(model)
         self.loaded: Any = None
         self.val_labels = torch.cat([y for _, y in data.val])
         self.test_labels = torch.cat([y for _, y in data.test])
         self.calls = 0
 
     def load(self, state, averaged: bool = True) -> None:
-        # A greedy step scores a candidate and, if accepted, reports it: skip the second load and recalibration.
+        # A greedy step scores a candidate and, if accepted, reports it: skip the second load and recomputation.
         if self.loaded is not None and self.loaded[0] is state and self.loaded[1] == averaged:
             return
         self.model.load_state_dict(state)
-        if averaged and self.recalibrate:
-            recalibrate_bn(self.model, self.data.train_eval)
+        if averaged and self.recompute_bn:
+            recompute_bn(self.model, self.data.train_eval)
         self.loaded = (state, averaged)
 
     def score(self, state) -> float:
@@ -386,8 +387,9 @@ class Study:
         self.states[name] = {k: v.clone() for k, v in self.scorer.model.state_dict().items()}
         self._add(name, selected, 1, val, test, time.perf_counter() - start, extra)
         if self.cfg.save_soups:
-            meta = {**self.population.soup_meta(), "soup": {"method": name, "bn": self.cfg.bn, "metric": self.cfg.metric,
-                    "selected": [str(self.population.paths[i]) for i in selected], **(extra or {})}}
+            meta = {**self.population.soup_meta(), "soup": {
+                "method": name, "recompute_bn": bool(self.cfg.recompute_bn), "metric": self.cfg.metric,
+                "selected": [str(self.population.paths[i]) for i in selected], **(extra or {})}}
             save_checkpoint(self.ctx.run_dir / "checkpoints" / f"{name}.safetensors", self.states[name], meta)
 
     def _add(self, name: str, selected: list[int], passes: int, val: torch.Tensor, test: torch.Tensor,
@@ -415,7 +417,7 @@ class Study:
             "metrics": {f"{m.method}/{split}_acc": getattr(m, f"{split}_acc") for m in self.methods.values()
                         for split in ("val", "test")},
             "table": table,
-            "bn": self.cfg.bn, "metric": self.cfg.metric,
+            "recompute_bn": bool(self.cfg.recompute_bn), "metric": self.cfg.metric,
             "ingredients": [{"path": str(p), "val_acc": self.methods[f"ingredient[{i}]"].val_acc,
                              "test_acc": self.methods[f"ingredient[{i}]"].test_acc,
                              "hparams": self.population.metas[i].get("hparams", {})} for i, p in enumerate(paths)],

@@ -2,8 +2,8 @@
 
 Every model was trained on its own class subset (``train.py dataset.classes=[...]``). The table has each model alone,
 the ensemble of all, their weight average, permutation matching by activation correlations then averaging, ZipIt!
-at ``merge.stop_at`` and at the depths of ``zip.partial``; each merge with no correction, BatchNorm statistics reset
-and REPAIR (``zip.corrections``). Every row is a trunk shared by all tasks plus one head per task
+at ``merge.stop_at`` and at the depths of ``zip.partial``; each merge with no correction, BatchNorm statistics
+recomputed and REPAIR (``merge.correction``). Every row is a trunk shared by all tasks plus one head per task
 (:class:`~mergelab.models.multihead.MultiHead`), scored on the joint task (argmax over all heads' logits, labels
 from the union of the classes), on each task with its own head, and their average, on validation and test; with its
 parameters and multiply-accumulates per input.
@@ -21,14 +21,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
 from mergelab.checkpoints import read_meta
+from mergelab.config import corrections as parse_corrections
+from mergelab.config import instantiate
 from mergelab.data import Data, build_data
 from mergelab.errors import UserError
-from mergelab.evaluation import has_batchnorm, recalibrate_bn
+from mergelab.evaluation import has_batchnorm, recompute_bn
 from mergelab.flops import count_macs, count_params
 from mergelab.merging.align import activation_matching
 from mergelab.merging.features import feature_stats
@@ -40,7 +41,6 @@ from mergelab.population import architecture, load_model, resolve_checkpoints
 from mergelab.runner import Context
 
 SPLITS = ("val", "test")
-CORRECTIONS = ("none", "reset_bn", "repair")
 BASELINES = ("models", "ensemble", "average", "permute")
 
 
@@ -60,13 +60,13 @@ def run(ctx: Context) -> dict:
     cuts = cut_points(models[0], graph)
     if cfg.list_layers:
         return {"task": "zip", "metrics": {}, "table": cut_table(cuts, graph)}
-    zipit = instantiate(cfg.merge)
+    zipit = instantiate(cfg.merge, key="merge", exclude=["correction"])
     if not isinstance(zipit, ZipIt):
         raise UserError(f"zip.py merges with merge=zipit, got {cfg.merge.get('_target_')}; the average and "
                         "permute baselines are rows of zip.py's own table (zip.baselines)")
     depths = {"zipit": find_cut(cuts, zipit.stop_at),
               **{f"zipit@{cut.depth}": cut for cut in (find_cut(cuts, s) for s in cfg.zip.partial)}}
-    corrections, baselines = checked(cfg.zip.corrections, CORRECTIONS, "zip.corrections"), \
+    corrections, baselines = parse_corrections(cfg.merge.correction), \
         checked(cfg.zip.baselines, BASELINES, "zip.baselines")
     tasks = [Task(meta_classes(meta), task_data(ctx, meta_classes(meta), meta["seed"])) for meta in metas]
     features = RoundRobin([task.data.train_eval for task in tasks])
@@ -97,7 +97,7 @@ def run(ctx: Context) -> dict:
     for method, (method_zips, cut) in merges.items():
         merged, inside, used = zipped_model(models, graph, method_zips, cut)
         # Without BatchNorm, resetting its statistics is the identity: no row for it.
-        for correction in (c for c in corrections if c != "reset_bn" or has_batchnorm(merged)):
+        for correction in (c for c in corrections if c != "recompute_bn" or has_batchnorm(merged)):
             corrected = correct(copy.deepcopy(merged), correction, models, inside, used, features,
                                 zipit.num_batches)
             label = method if correction == "none" else f"{method}+{correction}"
@@ -196,9 +196,9 @@ def permutation_zips(stats, num_models: int) -> dict:
 
 
 def correct(model: MultiHead, correction: str, parents, inside, zips, batches, num_batches) -> MultiHead:
-    """``none``; ``reset_bn``: BatchNorm statistics recomputed on training data; ``repair``: REPAIR."""
-    if correction == "reset_bn":
-        return recalibrate_bn(model, itertools.islice(batches, num_batches))
+    """``none``; ``recompute_bn``: BatchNorm statistics recomputed on training data; ``repair``: REPAIR."""
+    if correction == "recompute_bn":
+        return recompute_bn(model, itertools.islice(batches, num_batches))
     if correction == "repair":
         return repair(model, parents, inside, zips, batches, num_batches)
     return model
