@@ -1,4 +1,4 @@
-"""EMA, schedules and checkpoints: the pieces of the training loop that have an exact specification."""
+"""EMA, schedules, checkpoints and metric keys: the pieces of the training loop that have an exact specification."""
 
 import math
 import os
@@ -14,6 +14,9 @@ from mergelab.checkpoints import (
 from mergelab.ema import EMA
 from mergelab.errors import UserError
 from mergelab.evaluation import recompute_bn
+from mergelab.metrics import (
+    MetricKey, metric_key, methods_in, parse_metric_key, row_from_metrics, table_metrics,
+)
 
 
 def small_bn_net():
@@ -175,3 +178,39 @@ def test_ema_every_k_steps_folds_with_decay_to_the_k():
             w = model.state_dict()["0.weight"]
             reference["0.weight"] = 0.9**3 * reference["0.weight"] + (1 - 0.9**3) * w
         torch.testing.assert_close(ema.state_dict_for(0)["0.weight"], reference["0.weight"])
+
+
+@pytest.mark.parametrize("method, split, name, key", [
+    ("raw", "val", "acc", "raw/val_acc"),
+    ("ema0.999+recompute_bn", "test", "loss", "ema0.999+recompute_bn/test_loss"),
+    ("zipit@7+repair", "val", "joint_acc", "zipit@7+repair/val_joint_acc"),
+    ("zipit", None, "params", "zipit/params"),
+    ("best_ema", None, "decay", "best_ema/decay"),
+    ("soup/uniform", "test", "acc", "soup/uniform/test_acc"),  # a method holding "/": the column is after the last
+])
+def test_metric_keys_round_trip(method, split, name, key):
+    assert metric_key(method, split, name) == key
+    assert parse_metric_key(key) == MetricKey(method, split, name)
+
+
+def test_metric_keys_refuse_what_they_cannot_name():
+    for bad in ("val_acc", "/val_acc", "raw/"):
+        with pytest.raises(ValueError, match="not a metric key"):
+            parse_metric_key(bad)
+    with pytest.raises(ValueError, match="unknown split"):
+        metric_key("raw", "holdout", "acc")
+
+
+def test_table_rows_and_metrics_convert_into_each_other():
+    table = [{"method": "zipit", "depth": "19/20", "params": 10, "val_joint_acc": 90.0, "test_joint_acc": None},
+             {"method": "zipit+repair", "depth": "19/20", "params": 10, "val_joint_acc": 91.0, "test_joint_acc": 92.0}]
+    metrics = table_metrics(table, skip=["depth"])
+    assert metrics == {"zipit/params": 10, "zipit/val_joint_acc": 90.0, "zipit+repair/params": 10,
+                       "zipit+repair/val_joint_acc": 91.0, "zipit+repair/test_joint_acc": 92.0}
+    assert table_metrics(table, columns=["val_joint_acc"]) == {"zipit/val_joint_acc": 90.0,
+                                                               "zipit+repair/val_joint_acc": 91.0}
+    assert methods_in(metrics) == ["zipit", "zipit+repair"]
+    assert methods_in(metrics, split="test", name="joint_acc") == ["zipit+repair"]
+    columns = ("params", "val_joint_acc", "test_joint_acc")
+    assert [row_from_metrics(metrics, r["method"], columns) for r in table] == [
+        {c: r[c] for c in columns} for r in table]

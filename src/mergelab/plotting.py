@@ -25,6 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from mergelab.errors import UserError  # noqa: E402
+from mergelab.metrics import is_metric_key, metric_key, methods_in, parse_metric_key  # noqa: E402
 
 RESULTS = "results.json"
 # Settings that tell repetitions of one experiment apart, or that do not change its outcome: never a group.
@@ -138,7 +139,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def averaged_models(run: Run) -> list[str]:
     """The models a train/ema run evaluated (``raw``, each ``ema<decay>``, ``tail``), without ``+recompute_bn``
     variants."""
-    names = dict.fromkeys(key.split("/")[0] for key in run.results.get("metrics", {}) if key.endswith("/test_acc"))
+    names = methods_in(run.results.get("metrics", {}), split="test", name="acc")
     return [n for n in names if n == "raw" or n.startswith("ema") or n == "tail"]
 
 
@@ -166,7 +167,7 @@ def figures_ema(runs: list[Run], split: str = "val") -> tuple[dict[str, Figure],
     curves, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 3.6 * rows_n), squeeze=False, sharey=True)
     for ax, (label, members) in zip(axes.flat, groups.items()):
         for name in names:
-            steps, mean, std = mean_curve(members, f"{name}/{split}_acc")
+            steps, mean, std = mean_curve(members, metric_key(name, split, "acc"))
             if steps:
                 [line] = ax.plot(steps, mean, label=name, lw=1.2 if name != "raw" else 2.0,
                                  color="black" if name == "raw" else None)
@@ -184,8 +185,8 @@ def figures_ema(runs: list[Run], split: str = "val") -> tuple[dict[str, Figure],
     table = []
     for label, members in groups.items():
         for name in names:
-            val = mean_std([run.results["metrics"].get(f"{name}/val_acc") for run in members])
-            test = mean_std([run.results["metrics"].get(f"{name}/test_acc") for run in members])
+            val = mean_std([run.results["metrics"].get(metric_key(name, "val", "acc")) for run in members])
+            test = mean_std([run.results["metrics"].get(metric_key(name, "test", "acc")) for run in members])
             table.append({"group": label, "method": name, "val_acc": val[0], "test_acc": test[0],
                           "test_acc_std": test[1], "runs": len(members)})
     return {"ema_curves": curves, "ema_table": table_figure(table, names, "test_acc")}, table
@@ -336,7 +337,7 @@ def figures_multirun(runs: list[Run], metrics: list[str] | None = None) -> tuple
     all runs report)."""
     if metrics is None:
         shared = set.intersection(*(set(run.results.get("metrics", {})) for run in runs))
-        metrics = sorted(m for m in shared if m.endswith("test_acc"))
+        metrics = sorted(m for m in shared if is_metric_key(m) and parse_metric_key(m).column == "test_acc")
     if not metrics:
         raise UserError("kind=multirun found no test accuracy that every run reports; name some with metrics=[...]")
     groups = group_runs(runs)

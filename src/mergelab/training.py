@@ -24,6 +24,7 @@ from mergelab.checkpoints import flatten_state, load_checkpoint, save_checkpoint
 from mergelab.ema import EMA
 from mergelab.errors import UserError
 from mergelab.evaluation import evaluate, has_batchnorm, recompute_bn
+from mergelab.metrics import metric_key
 from mergelab.reporting import RunLogger
 
 STATE_FILE = "state.safetensors"
@@ -182,7 +183,7 @@ class Trainer:
         for name, model in self.averaged_models():
             for split in ("val", "test"):
                 for metric, value in evaluate(model, getattr(self.data, split)).items():
-                    out[f"{name}/{split}_{metric}"] = value
+                    out[metric_key(name, split, metric)] = value
         return out
 
     # ---------------------------------------------------------------- checkpoints and resume
@@ -192,7 +193,7 @@ class Trainer:
     def _save_epoch(self, record: dict) -> None:
         weights = self.model.state_dict()
         save_checkpoint(self.ckpt_dir / "last.safetensors", weights, self._model_meta(record))
-        val = record.get("raw/val_acc", -math.inf)
+        val = record.get(metric_key("raw", "val", "acc"), -math.inf)
         if val > self.best_val:
             self.best_val = val
             save_checkpoint(self.ckpt_dir / "best.safetensors", weights, self._model_meta(record))

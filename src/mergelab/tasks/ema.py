@@ -8,6 +8,7 @@ average is evaluated twice: with its averaged running statistics and with statis
 
 from __future__ import annotations
 
+from mergelab.metrics import metric_key, methods_in, parse_column, row_from_metrics
 from mergelab.runner import Context
 from mergelab.tasks import train
 
@@ -27,8 +28,7 @@ def run(ctx: Context) -> dict:
 def averages_in(record: dict[str, float]) -> list[str]:
     """The averaged models of an evaluation record in order (``raw``, the decays, ``tail``), without
     ``+recompute_bn``."""
-    names = dict.fromkeys(key.split("/")[0] for key in record if "/" in key)
-    return [name for name in names if not name.endswith(BN_SUFFIX)]
+    return [name for name in methods_in(record) if not name.endswith(BN_SUFFIX)]
 
 
 def study_table(record: dict[str, float]) -> list[dict]:
@@ -36,9 +36,9 @@ def study_table(record: dict[str, float]) -> list[dict]:
     statistics and, where measured, with statistics recomputed for the averaged weights (``recompute_bn_*`` columns)."""
     rows = []
     for name in averages_in(record):
-        row = {"method": name, **{m: record.get(f"{name}/{m}") for m in METRICS}}
-        if f"{name}{BN_SUFFIX}/val_acc" in record:
-            row.update({f"recompute_bn_{m}": record[f"{name}{BN_SUFFIX}/{m}"] for m in METRICS})
+        row = {"method": name, **row_from_metrics(record, name, METRICS)}
+        if metric_key(name + BN_SUFFIX, "val", "acc") in record:
+            row.update({f"recompute_bn_{m}": v for m, v in row_from_metrics(record, name + BN_SUFFIX, METRICS).items()})
         rows.append(row)
     return rows
 
@@ -52,5 +52,6 @@ def best_ema(record: dict[str, float]) -> dict[str, float]:
     decays = [name for name in averages_in(record) if name.startswith("ema")]
     if not decays:
         return {}
-    best = max(decays, key=lambda name: record[f"{name}/val_acc"])
-    return {"best_ema/decay": float(best[len("ema"):]), **{f"best_ema/{m}": record[f"{best}/{m}"] for m in METRICS}}
+    best = max(decays, key=lambda name: record[metric_key(name, "val", "acc")])
+    return {metric_key("best_ema", None, "decay"): float(best[len("ema"):]),
+            **{metric_key("best_ema", *parse_column(m)): v for m, v in row_from_metrics(record, best, METRICS).items()}}

@@ -23,6 +23,7 @@ from mergelab.evaluation import evaluate, has_batchnorm, metrics_from_logits, pr
 from mergelab.merging.average import fusion_weights, weighted_average
 from mergelab.merging.features import feature_stats
 from mergelab.merging.soups import logit_ensemble
+from mergelab.metrics import column, metric_key, table_metrics
 from mergelab.models import check_compatible, unit_graph
 from mergelab.population import check_same_architecture, load_model, resolve_checkpoints
 from mergelab.pruning import apply_masks, freeze_pruned, l1_masks, prunable_weights, sparsity
@@ -106,9 +107,8 @@ def run(ctx: Context) -> dict:
         extra["sharpness"] = {name: sharpness(model, data, cfg.sharpness, ctx.seed)
                               for name, model in subjects.items()}
 
-    metrics = {f"{r['method']}/{split}_{m}": r[f"{split}_{m}"] for r in table for split in SPLITS
-               for m in ("acc", "loss")}
-    metrics.update({f"barrier/{b['name']}": b["height"] for b in extra["barrier"]})
+    metrics = table_metrics(table, columns=[column(split, m) for split in SPLITS for m in ("acc", "loss")])
+    metrics.update({metric_key("barrier", None, b["name"]): b["height"] for b in extra["barrier"]})
     return {"task": "fuse", "metrics": metrics, "table": table, "models": [str(p) for p in paths],
             "fusion_weights": weights, **extra}
 

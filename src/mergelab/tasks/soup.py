@@ -27,6 +27,7 @@ from mergelab.data import build_data
 from mergelab.errors import UserError
 from mergelab.evaluation import has_batchnorm, predict, recompute_bn
 from mergelab.merging import soups
+from mergelab.metrics import metric_key
 from mergelab.population import check_same_architecture, model_from_meta, resolve_checkpoints
 from mergelab.runner import Context
 from mergelab.tasks.finetune import BATCH_OPTIONS, split_seed
@@ -414,7 +415,7 @@ class Study:
             print(note)
         return {
             "task": "soup",
-            "metrics": {f"{m.method}/{split}_acc": getattr(m, f"{split}_acc") for m in self.methods.values()
+            "metrics": {metric_key(m.method, split, "acc"): getattr(m, f"{split}_acc") for m in self.methods.values()
                         for split in ("val", "test")},
             "table": table,
             "recompute_bn": bool(self.cfg.recompute_bn), "metric": self.cfg.metric,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from mergelab.errors import UserError
+from mergelab.metrics import is_metric_key, metric_key, methods_in, row_from_metrics
 from mergelab.runner import Context
 from mergelab.training import STATE_FILE, Trainer
 
@@ -27,11 +28,10 @@ def run(ctx: Context) -> dict:
 def summarize(trainer: Trainer, out: dict) -> dict:
     """results.json content: final metrics of every averaged model, the history, and a table per model."""
     final = out["final"]
-    names = list(dict.fromkeys(k.split("/")[0] for k in final if "/" in k))
-    table = [{"model": n, **{c: final.get(f"{n}/{c}") for c in ("val_acc", "test_acc", "val_loss", "test_loss")}}
-             for n in names]
-    metrics = {k: v for k, v in final.items() if "/" in k}
-    metrics["best/val_acc"] = out["best_val_acc"]
+    table = [{"model": n, **row_from_metrics(final, n, ("val_acc", "test_acc", "val_loss", "test_loss"))}
+             for n in methods_in(final)]
+    metrics = {k: v for k, v in final.items() if is_metric_key(k)}
+    metrics[metric_key("best", "val", "acc")] = out["best_val_acc"]
     if trainer.logger:
         hparams = {"lr": trainer.cfg.optimizer.lr, "epochs": trainer.cfg.train.epochs,
                    "batch_size": trainer.cfg.train.batch_size, "scheduler": trainer.cfg.scheduler._target_.split(".")[-1],

@@ -34,6 +34,7 @@ from mergelab.flops import count_macs, count_params
 from mergelab.merging.align import activation_matching
 from mergelab.merging.features import feature_stats
 from mergelab.merging.zipit import ZipIt, identity_zip, permutation_zip, repair, zipped_model
+from mergelab.metrics import table_metrics
 from mergelab.models import unit_graph
 from mergelab.models.graph import _model_names
 from mergelab.models.multihead import Cut, MultiHead, cut_points, find_cut
@@ -103,8 +104,7 @@ def run(ctx: Context) -> dict:
             label = method if correction == "none" else f"{method}+{correction}"
             table.append(score(label, corrected, list(range(len(models))), cut))
 
-    metrics = {f"{row['method']}/{key}": value for row in table for key, value in row.items()
-               if key not in ("method", "depth") and value is not None}
+    metrics = table_metrics(table, skip=["depth"])
     logger = ctx.open_logger()
     logger.scalars("", metrics, step=0)
     logger.hparams({"alpha": zipit.alpha, "beta": zipit.beta, "stop_at": str(zipit.stop_at),
