@@ -1,4 +1,6 @@
-"""The EMA study: train once, track every EMA decay and a tail average: python ema.py [overrides]."""
+"""The EMA study: train once, track every EMA decay and a tail average: python ema.py [overrides].
+
+Post-hoc EMA from a finished run's snapshots, without training: python ema.py posthoc.run=<run folder>."""
 
 import hydra
 

@@ -97,3 +97,68 @@ def test_the_study_override_names_compose(override):
         assert str(cfg[key.split(".")[0]] if "." not in key else cfg[key.split(".")[0]][key.split(".")[1]]) == value
     if key == "global_seed":
         assert cfg.seed == 1234
+
+
+def _reference_lerp(before, live, decay):
+    return {k: decay * before[k] + (1 - decay) * live[k] for k in before}
+
+
+@pytest.mark.parametrize("move", ["assign", "data", "to"])
+def test_ema_follows_tensors_moved_after_it_was_built(move):
+    """The EMA reads the live weights as views of its flat buffer; replacing or re-pointing any of them (not only
+    the first) must not leave it averaging stale storage."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+    ema = EMA(model, [0.5])
+    before = {k: v.clone() for k, v in ema.state_dict_for(0).items()}
+    new = {k: torch.randn_like(v) if v.is_floating_point() else v + 7 for k, v in model.state_dict().items()}
+    if move == "assign":
+        model.load_state_dict({k: v.clone() for k, v in new.items()}, assign=True)
+    elif move == "data":  # the last layer's weight only: the first tensor stays where it was
+        model[3].weight.data = new["3.weight"].clone()
+        new = {k: new[k] if k == "3.weight" else v.detach().clone() for k, v in model.state_dict().items()}
+    else:  # a round trip through float64: every tensor keeps its object but gets new storage
+        model.double().float()
+        new = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    ema.update()
+    expected = _reference_lerp({k: v.float() for k, v in before.items() if v.is_floating_point()},
+                               {k: new[k].float() for k in before if before[k].is_floating_point()}, 0.5)
+    got = ema.state_dict_for(0)
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], v, msg=k)
+    assert torch.equal(got["1.num_batches_tracked"], model.state_dict()["1.num_batches_tracked"])
+    # ...and keeps following them: a second step after an in-place change of the new tensors.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    for k, v in model.named_parameters():
+        torch.testing.assert_close(got[k], 0.5 * expected[k] + 0.5 * v.detach(), msg=k)
+
+
+def test_warmup_names_tensorflow_and_matches_timm_model_ema_v3():
+    """``warmup=true`` is TensorFlow's ``(1 + t) / (10 + t)``; ``warmup="timm"`` is timm ModelEmaV3's schedule,
+    checked against timm itself, weights included."""
+    from timm.utils import ModelEmaV3
+
+    assert "TensorFlow" in EMA.__doc__ and "timm schedule" not in EMA.__doc__
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    tf = EMA(model, [0.99], warmup=True)
+    assert [tf.decay_at(0.99, t) for t in (0, 5, 1000)] == [1 / 10, 6 / 15, 0.99]
+    reference = ModelEmaV3(model, decay=0.99, use_warmup=True)
+    ours = EMA(model, [0.99], warmup="timm")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(30):
+        assert ours.decay_at(0.99, step) == pytest.approx(reference.get_decay(step + 1))
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        tf.update()
+        ours.update()
+        reference.update(model, step=step + 1)  # timm's training loop passes the count of steps done
+    for k, v in reference.module.state_dict().items():
+        torch.testing.assert_close(ours.state_dict_for(0)[k], v, msg=k)
+    with pytest.raises(ValueError, match="warmup"):
+        EMA(model, [0.9], warmup="cosine")

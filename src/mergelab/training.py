@@ -21,13 +21,15 @@ from torch import nn
 from tqdm import tqdm
 
 from mergelab.checkpoints import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
-from mergelab.ema import EMA
+from mergelab.ema import EMA, sigma_rel_label
 from mergelab.errors import UserError
 from mergelab.evaluation import evaluate, has_batchnorm, recompute_bn
+from mergelab.merging.posthoc import SIGMA_REL_MAX
 from mergelab.metrics import metric_key
 from mergelab.reporting import RunLogger
 
 STATE_FILE = "state.safetensors"
+SNAPSHOT_DIR = "posthoc"  # checkpoints/posthoc/: snapshots of the power-function EMAs, for post-hoc EMA
 # Config sections that must agree between an interrupted run and its resumption.
 RESUME_KEYS = ("dataset", "model", "optimizer", "scheduler", "train", "ema", "seed")
 
@@ -51,6 +53,28 @@ def ema_decays(cfg: DictConfig) -> list[float]:
     if single is not None:
         return [float(single)]
     return [float(d) for d in (OmegaConf.select(cfg, "ema.decays") or [])]
+
+
+SNAPSHOTS_PER_PROFILE = 50  # ema.posthoc.every=null: about this many snapshots of each profile over the run
+
+
+def posthoc_settings(cfg: DictConfig, total_steps: int) -> tuple[list[float], int | None]:
+    """``ema.posthoc``: the power-function EMAs to track (``sigma_rels``) and the steps between their snapshots
+    (``every``; null = ``total_steps / 50`` rounded to a multiple of ``ema.every``); ``([], None)`` when off."""
+    sigma_rels = [float(s) for s in (OmegaConf.select(cfg, "ema.posthoc.sigma_rels") or [])]
+    if not sigma_rels:
+        return [], None
+    fold = int(OmegaConf.select(cfg, "ema.every") or 1)
+    every = OmegaConf.select(cfg, "ema.posthoc.every")
+    if every is None:
+        every = max(1, round(total_steps / SNAPSHOTS_PER_PROFILE / fold)) * fold
+    if not isinstance(every, int) or every < 1 or every % fold:
+        raise UserError(f"ema.posthoc.every={every} must be a number of steps >= 1 and a multiple of "
+                        f"ema.every={fold}, e.g. ema.posthoc.every={10 * fold}, or null")
+    if not all(0.0 < s < SIGMA_REL_MAX for s in sigma_rels):
+        raise UserError(f"ema.posthoc.sigma_rels={sigma_rels} must lie in (0, {SIGMA_REL_MAX:.4f}), "
+                        "e.g. ema.posthoc.sigma_rels=[0.05,0.1]")
+    return sigma_rels, every
 
 
 def tail_start_step(tail: float | None, total_steps: int) -> int | None:
@@ -79,8 +103,10 @@ class Trainer:
     """Trains ``model`` on ``data`` as configured by ``cfg`` (sections train, optimizer, scheduler, ema, seed).
 
     Checkpoints go to ``ckpt_dir``: ``last`` and ``best`` (raw model, by validation accuracy), one file per EMA
-    decay at the end, and ``state.safetensors`` holding everything needed to resume. ``meta`` is stored in every
-    checkpoint (the runner puts the model config and data shape there so later scripts can rebuild the model).
+    decay at the end, and ``state.safetensors`` holding everything needed to resume. With ``ema.posthoc`` on, the
+    power-function EMAs are also saved every ``ema.posthoc.every`` steps and at the last step into ``posthoc/``.
+    ``meta`` is stored in every checkpoint (the runner puts the model config and data shape there so later scripts
+    can rebuild the model).
     """
 
     def __init__(self, model: nn.Module, data, cfg: DictConfig, ckpt_dir: str | Path, logger: RunLogger | None,
@@ -97,8 +123,15 @@ class Trainer:
         decays = ema_decays(cfg)
         ema_cfg = cfg.get("ema") or {}
         tail_start = tail_start_step(ema_cfg.get("tail"), self.total_steps)
-        self.ema = EMA(model, decays, warmup=ema_cfg.get("warmup", False), buffers=ema_cfg.get("buffers", "average"),
-                       tail_start=tail_start, every=ema_cfg.get("every", 1)) if decays or tail_start is not None else None
+        sigma_rels, self.snapshot_every = posthoc_settings(cfg, self.total_steps)
+        self.ema = None
+        if decays or sigma_rels or tail_start is not None:
+            try:
+                self.ema = EMA(model, decays, warmup=ema_cfg.get("warmup", False), tail_start=tail_start,
+                               buffers=ema_cfg.get("buffers", "average"), every=ema_cfg.get("every", 1),
+                               sigma_rels=sigma_rels)
+            except ValueError as exc:
+                raise UserError(f"{exc}; fix the ema.* settings") from None
         self.recompute_bn = bool(ema_cfg.get("recompute_bn", False)) and has_batchnorm(model)
         self._eval_model = copy.deepcopy(model) if self.ema else None
         self.progress = bool(cfg.get("progress", True))
@@ -120,6 +153,8 @@ class Trainer:
             self._save_epoch(record)
             if on_epoch_end:
                 on_epoch_end(self)
+        if self.snapshot_every and self.step % self.snapshot_every:
+            self._save_snapshots()  # reconstructions target the last step: it needs its own snapshot
         self._save_ema()
         return {"history": self.history, "final": self.history[-1] if self.history else {},
                 "best_val_acc": self.best_val, "steps": self.step}
@@ -140,6 +175,8 @@ class Trainer:
             if self.ema:
                 self.ema.update()
             self.step += 1
+            if self.snapshot_every and self.step % self.snapshot_every == 0:
+                self._save_snapshots()
             running += loss
             count += 1
             # One host sync per `log_every` steps: checks divergence and feeds the logs.
@@ -201,9 +238,18 @@ class Trainer:
 
     def _save_ema(self) -> None:
         for i, label in enumerate(self.ema.labels if self.ema else []):
-            kind = {"ema_decay": self.ema.decays[i]} if i < len(self.ema.decays) else {"tail_start": self.ema.tail_start}
             save_checkpoint(self.ckpt_dir / f"{label}.safetensors", self.ema.state_dict_for(i),
-                            {**self._model_meta(self.history[-1] if self.history else {}), **kind})
+                            {**self._model_meta(self.history[-1] if self.history else {}), **self.ema.profile(i)})
+
+    def _save_snapshots(self) -> None:
+        """``posthoc/sigma_rel<s>-<step>.safetensors``: each power-function EMA now, with its step and gamma.
+
+        A resumed run rewrites the snapshots after its last saved epoch with the same bits (atomically)."""
+        first = len(self.ema.decays)
+        for i, sigma_rel in enumerate(self.ema.sigma_rels, start=first):
+            path = self.ckpt_dir / SNAPSHOT_DIR / f"{sigma_rel_label(sigma_rel)}-{self.step:07d}.safetensors"
+            save_checkpoint(path, self.ema.state_dict_for(i),
+                            {**self.meta, "step": self.step, **self.ema.profile(i)})
 
     def _save_state(self) -> None:
         opt_tensors, opt_skeleton = flatten_state(self.optimizer.state_dict(), "optimizer")
@@ -244,9 +290,13 @@ class Trainer:
 
 
 def resume_fingerprint(cfg: DictConfig) -> dict:
-    """The config sections that determine a training trajectory, as plain data."""
-    return {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
-            for k in RESUME_KEYS if k in cfg}
+    """The config sections that determine a training trajectory, as plain data (``ema.posthoc`` only when on, so
+    runs from before it existed still resume)."""
+    out = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
+           for k in RESUME_KEYS if k in cfg}
+    if isinstance(out.get("ema"), dict) and not (out["ema"].get("posthoc") or {}).get("sigma_rels"):
+        out["ema"].pop("posthoc", None)
+    return out
 
 
 def config_mismatch(saved: dict, current: dict, path: str = "") -> str | None:
