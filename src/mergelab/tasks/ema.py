@@ -233,7 +233,9 @@ def posthoc_study(ctx: Context, run_dir: Path, run_cfg) -> dict:
 
 def plot_accuracy(rows: list[dict], marks: list[dict], column: str, best: float, steps: int, path: Path) -> None:
     """Validation and test accuracy against sigma_rel (log axis): the reconstructed grid as lines, the run's
-    directly tracked averages as points (classic decays at the sigma_rel of the same width), the pick dashed."""
+    directly tracked averages as points (classic decays at the sigma_rel of the same width; those wider than 1,
+    more than the whole run, only in the table), the pick dashed."""
+    marks = [m for m in marks if m["sigma_rel"] <= 1.0]
     figure, ax = plt.subplots(figsize=(6.4, 4.0))
     for split, color in (("val", "tab:blue"), ("test", "tab:orange")):
         key = column.format(split=split)
