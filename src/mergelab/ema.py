@@ -164,7 +164,10 @@ class EMA:
         if self.tail_start is not None:
             weights.append(self.tail_weight_at(step))
         if weights != self._last_weights:  # constant after warm-up: skip the host-to-device copy
-            self._weights.copy_(torch.tensor(weights, dtype=torch.float64).unsqueeze(1))
+            host = torch.tensor(weights, dtype=self._weights.dtype).unsqueeze(1)
+            if self._weights.is_cuda:  # power EMAs change their weights every step: copy without a host sync (the
+                host = host.pin_memory()  # caching host allocator keeps the pinned block until the copy is done)
+            self._weights.copy_(host, non_blocking=self._weights.is_cuda)
             self._last_weights = weights
         live = self._live()
         if self._sources:
