@@ -173,13 +173,7 @@ def posthoc_study(ctx: Context, run_dir: Path, run_cfg) -> dict:
     states = combine((load_checkpoint(p)[0] for p, _ in snaps), np.concatenate(columns, axis=1))
     reconstruct_s = time.perf_counter() - start
     truth = {m["sigma_rel"]: p for p, m in snaps if m["step"] == last}
-    check_rows = []
-    for sigma, state in zip(checks, states[len(grid):]):
-        exact = load_checkpoint(truth[sigma])[0]
-        nearest = min((s for s in tracked if s != sigma), key=lambda s: abs(math.log(s / sigma)))
-        check_rows.append({"sigma_rel": sigma, "rel_err": relative_error(state, exact),
-                           "nearest_tracked": nearest,
-                           "nearest_rel_err": relative_error(load_checkpoint(truth[nearest])[0], exact)})
+    check_rows = [check_row(sigma, state, truth) for sigma, state in zip(checks, states[len(grid):])]
 
     data = build_data(run_cfg.dataset, batch_size=run_cfg.train.batch_size,
                       eval_batch_size=run_cfg.train.eval_batch_size, seed=int(run_cfg.seed), device=ctx.device)
@@ -196,13 +190,7 @@ def posthoc_study(ctx: Context, run_dir: Path, run_cfg) -> dict:
         # Validation accuracy, ties (a small validation split) broken by the lower validation loss.
         if best is None or (row[select], -row[loss]) > (best[0][select], -best[0][loss]):
             best = (row, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-    marks = []  # the run's directly tracked averages, evaluated the same way
-    for label_path in sorted((run_dir / "checkpoints").glob("*.safetensors")):
-        info = read_meta(label_path)
-        if label_path.stem.startswith(("ema", "sigma_rel")) and ("ema_decay" in info or "sigma_rel" in info):
-            state, _ = load_checkpoint(label_path, device=ctx.device)
-            sigma = info.get("sigma_rel") or decay_to_sigma_rel(info["ema_decay"], last)
-            marks.append({"method": label_path.stem, "sigma_rel": sigma, **evaluate_state(model, state, data)})
+    marks = tracked_marks(run_dir, last, model, data, ctx.device)
 
     row, state = best
     gamma = sigma_rel_to_gamma(row["sigma_rel"])
@@ -229,6 +217,28 @@ def posthoc_study(ctx: Context, run_dir: Path, run_cfg) -> dict:
     print(f"best on validation: sigma_rel {row['sigma_rel']:.4g} -> {best_path}\nfigure: {figure}")
     table = [{k: v for k, v in r.items() if k != "sigma_rel" and "loss" not in k} for r in rows + marks]
     return {"task": "ema", "metrics": metrics, "table": table, "posthoc": info}
+
+
+def check_row(sigma: float, rebuilt: dict[str, torch.Tensor], truth: dict[float, Path]) -> dict:
+    """How far ``rebuilt`` (profile ``sigma`` from the other profiles' snapshots) is from the tracked average, and,
+    as the same-run baseline, how far the nearest other tracked profile is."""
+    exact = load_checkpoint(truth[sigma])[0]
+    nearest = min((s for s in truth if s != sigma), key=lambda s: abs(math.log(s / sigma)))
+    return {"sigma_rel": sigma, "rel_err": relative_error(rebuilt, exact), "nearest_tracked": nearest,
+            "nearest_rel_err": relative_error(load_checkpoint(truth[nearest])[0], exact)}
+
+
+def tracked_marks(run_dir: Path, last: int, model, data, device) -> list[dict]:
+    """The run's directly tracked averages (``ema<d>``, ``sigma_rel<s>``), evaluated like the reconstructions, each
+    at its ``sigma_rel`` (a classic decay at the one of the same width)."""
+    marks = []
+    for path in sorted((run_dir / "checkpoints").glob("*.safetensors")):
+        info = read_meta(path)
+        if path.stem.startswith(("ema", "sigma_rel")) and ("ema_decay" in info or "sigma_rel" in info):
+            state, _ = load_checkpoint(path, device=device)
+            sigma = info.get("sigma_rel") or decay_to_sigma_rel(info["ema_decay"], last)
+            marks.append({"method": path.stem, "sigma_rel": sigma, **evaluate_state(model, state, data)})
+    return marks
 
 
 def plot_accuracy(rows: list[dict], marks: list[dict], column: str, best: float, steps: int, path: Path) -> None:
