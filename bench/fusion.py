@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
+from mergelab.merging import engine
 from mergelab.merging.align import Permute
-from mergelab.merging.average import Average, weighted_average
-from mergelab.merging.features import feature_stats
+from mergelab.merging.average import Average
 from mergelab.merging.otfusion import OTFusion
 from mergelab.models import build_model, unit_graph
 
@@ -51,11 +51,8 @@ def measure(method, graph, models, images, device) -> tuple[float, float]:
     else:
         base = reset_peak_rss() * 1024
     start = time.perf_counter()
-    states = [m.state_dict() for m in models]
-    stats = None
-    if method.alignment == "activations":
-        stats = feature_stats(models, graph, [(x, None) for x in images.split(100)], where=method.where)
-    weighted_average([states[0], method.align(graph, states[0], states[1], stats, 0, 1)])
+    transforms = engine.match(method, models, graph, [(x, None) for x in images.split(100)])
+    engine.merge_states(graph, [m.state_dict() for m in models], transforms)
     if device.type == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

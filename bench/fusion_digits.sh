@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates the digits tables of docs/fusion.md: trains 4 mlpnets (15 epochs) and 2 resnet20 x1 (10 epochs) from
 # seeds 0-3 (validation split fixed by dataset.split_seed, shared by every model), fuses them with every method
-# (experiment=fusion_digits: merge.correction=[none,recompute_bn], 1 epoch of retraining; one fuse.py multirun per
-# method family and setting),
+# (experiment=fusion_digits: without and with merge.correction=recompute_bn, 1 epoch of retraining; one fuse.py multirun per method family and setting),
 # then prints the markdown tables collected from the results.json files (bench/fusion_table.py).
 # Run from the repository root: bash bench/fusion_digits.sh   (FUSION_OUT=<folder> to write elsewhere;
 # extra arguments go to every command, e.g. device=cpu; SKIP_TRAIN=1 reuses trained parents)

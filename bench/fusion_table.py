@@ -43,7 +43,7 @@ def short_name(method: str) -> str:
 
 
 def is_baseline(method: str) -> bool:
-    return method.startswith("model ") or method == "ensemble" or re.split(r" ?\+", method)[0] == "average"
+    return method.startswith("model ") or method == "ensemble" or method.split("+")[0] == "average"
 
 
 def method_table(runs: list[dict]) -> list[str]:

@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from conftest import ROOT, make_cfg
 from mergelab.errors import UserError
+from mergelab.merging import engine
 from mergelab.merging.align import Permute
-from mergelab.merging.average import Average, weighted_average
-from mergelab.merging.features import feature_stats
+from mergelab.merging.average import Average
 from mergelab.merging.otfusion import OTFusion, solve_plan, transport_plans
 from mergelab.models import apply_permutation, build_model, random_permutation, unit_graph
 from mergelab.runner import _run
@@ -47,12 +47,9 @@ def build(family, options, seed=0):
     return model
 
 
-def fuse(method, graph, models, x):
-    states = [m.state_dict() for m in models]
-    stats = feature_stats(models, graph, [(x, None)], where=method.where) if method.alignment == "activations" \
-        else None
-    aligned = [states[0]] + [method.align(graph, states[0], s, stats, 0, k) for k, s in enumerate(states) if k]
-    return weighted_average(aligned)
+def fuse(method, graph, models, x, weights=None):
+    transforms = engine.match(method, models, graph, [(x, None)])
+    return engine.merge_states(graph, [m.state_dict() for m in models], transforms, weights)
 
 
 def relative_error(output, expected):
@@ -72,7 +69,7 @@ def test_fusing_a_model_with_its_permuted_copy_returns_the_model(family, options
     for method in METHODS:
         fused = build(family, options)
         fused.load_state_dict(fuse(method, graph, [model, copy], x))
-        assert relative_error(fused(x), expected) < 1e-8, f"{method.name}-{method.alignment}"
+        assert relative_error(fused(x), expected) < 1e-8, method.label
     # Without alignment the average of a model and its permuted copy is another function.
     fused.load_state_dict(fuse(Average(), graph, [model, copy], x))
     assert relative_error(fused(x), expected) > 1e-2
@@ -93,13 +90,13 @@ def test_ot_plan_between_a_layer_and_its_permutation_is_the_permutation():
     graph = unit_graph(model)
     perms = random_permutation(graph, torch.Generator().manual_seed(3))
     permuted = apply_permutation(graph, model.state_dict(), perms)
-    for rescale in (True, False):
-        plans = transport_plans(graph, model.state_dict(), permuted, rescale_plan=rescale)
+    for correction in (True, False):
+        plans = transport_plans(graph, model.state_dict(), permuted, rescale_plan=correction)
         for group, perm in perms.items():
             n = len(perm)
             # B's unit i is A's unit perm[i]: the plan moves all of its mass there.
             expected = torch.zeros(n, n, dtype=torch.float64)
-            expected[torch.arange(n), perm] = 1.0 if rescale else 1.0 / n
+            expected[torch.arange(n), perm] = 1.0 if correction else 1.0 / n
             torch.testing.assert_close(plans[group], expected)
 
 
@@ -118,12 +115,29 @@ def test_sinkhorn_plan_approaches_the_emd_plan_as_reg_falls():
     assert gaps[-1] < 0.2 * gaps[0]
 
 
+def test_sinkhorn_at_small_reg_converges_in_the_log_domain():
+    # Costs of order 1 with reg=1e-3: exp(-M/reg) underflows to 0 in the plain algorithm (POT warns, then the plan
+    # is NaN or loses its mass: a UserError); the log-domain solver meets the marginals (solve_plan checks them)
+    # and is nearer the EMD plan than a larger reg.
+    model = build("mlpnet", {"hidden": [16, 12]})
+    other = build("mlpnet", {"hidden": [16, 12]}, seed=1)
+    graph = unit_graph(model)
+    options = dict(normalize="max", max_iter=20_000)
+    exact = transport_plans(graph, model.state_dict(), other.state_dict(), **options)
+    small, large = (transport_plans(graph, model.state_dict(), other.state_dict(), solver="sinkhorn", reg=reg,
+                                    **options) for reg in (1e-3, 5e-2))
+    for group, plan in exact.items():
+        assert torch.isfinite(small[group]).all()
+        assert (small[group] - plan).abs().sum() < (large[group] - plan).abs().sum(), group
+
+
 def test_degenerate_sinkhorn_plan_is_an_error_naming_the_layer():
     model = build("mlpnet", {"hidden": [16, 12]})
     other = build("mlpnet", {"hidden": [16, 12]}, seed=1)
     graph = unit_graph(model)
-    with pytest.raises(UserError, match=r"layer fc1\).*increase merge.reg"):
-        transport_plans(graph, model.state_dict(), other.state_dict(), solver="sinkhorn", reg=1e-4)
+    with pytest.raises(UserError, match=r"layer fc1\).*raise merge.max_iter \(now 1\)"):
+        transport_plans(graph, model.state_dict(), other.state_dict(), solver="sinkhorn", reg=1e-3, max_iter=1,
+                        normalize="max")
 
 
 def test_unknown_ot_option_is_a_user_error():
@@ -177,7 +191,7 @@ def test_fuse_task_reports_every_row_barrier_and_sharpness(trained, tmp_path):
     out = results(tmp_path)
     methods = [r["method"] for r in out["table"]]
     assert methods == ["model 0 (mlp0)", "model 1 (mlp1)", "ensemble", "average", "ot-weights-emd",
-                       "ot-weights-emd +retrain"]
+                       "ot-weights-emd+retrain"]
     for r in out["table"]:
         assert {"val_acc", "test_acc", "val_loss", "test_loss", "time_s"} <= set(r)
     vanilla, aligned = out["barrier"]
@@ -192,7 +206,7 @@ def test_fuse_task_reports_every_row_barrier_and_sharpness(trained, tmp_path):
     assert (tmp_path / "checkpoints" / "fused.safetensors").is_file()
 
 
-def test_fuse_resnet_activations_with_recompute_bn_and_three_weighted_models(trained, tmp_path):
+def test_fuse_resnet_activations_with_bn_reset_and_three_weighted_models(trained, tmp_path):
     _run(make_cfg("fuse", [*SMALL, f"models={trained}/resnet*", "merge=permute", "merge.alignment=activations",
                            "merge.num_samples=200", "barrier.points=3"], tmp_path / "resnet"))
     methods = [r["method"] for r in results(tmp_path / "resnet")["table"]]

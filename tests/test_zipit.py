@@ -2,9 +2,7 @@
 partial zipping, REPAIR, and zip.py end to end on digits tasks with its error paths."""
 
 import copy
-import itertools
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -15,14 +13,15 @@ from torch import nn
 from conftest import make_cfg, run_script
 from mergelab.checkpoints import load_checkpoint, save_checkpoint
 from mergelab.errors import UserError
-from mergelab.merging.align import solve_assignment
+from mergelab.merging import engine
+from mergelab.merging.align import Permute, solve_assignment
+from mergelab.merging.engine import Zip, merge_models, merge_states, merge_tensors, merged_layers
 from mergelab.merging.features import feature_stats
-from mergelab.merging.zipit import (Zip, channel_moments, correction_points, merged_targets, repair,
-                                    within_model_budget, zip_features, zip_groups, zip_layer_state, zipped_model)
+from mergelab.merging.repair import channel_moments, correction_points
+from mergelab.merging.zipit import within_model_budget, zip_features, zip_groups
 from mergelab.models import apply_permutation, build_model, random_permutation, unit_graph
-from mergelab.models.multihead import MultiHead, cut_points, find_cut, split_at
+from mergelab.models.multihead import cut_points, find_cut, split_at
 from mergelab.runner import _run
-from mergelab.tasks.zip import permutation_zips
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -149,7 +148,7 @@ def test_merge_and_unmerge_matrices():
     graph = UnitGraph({"g": n}, {"fc.weight": ("g", "g"), "fc.bias": ("g",)}, (layer,))
     states = [{"fc.weight": torch.randn(n, n, dtype=torch.float64), "fc.bias": torch.randn(n, dtype=torch.float64)}
               for _ in range(models)]
-    merged = zip_layer_state(layer, graph, states, {"g": zipped})
+    merged = merge_states(graph, states, {"g": zipped})
     dense = sum(zipped.merge_matrix(i) @ s["fc.weight"] @ zipped.unmerge_matrix(i) for i, s in enumerate(states))
     assert torch.allclose(merged["fc.weight"], dense)
     assert torch.allclose(merged["fc.bias"], sum(zipped.merge_matrix(i) @ s["fc.bias"] for i, s in enumerate(states)))
@@ -171,7 +170,7 @@ def test_zipping_a_model_with_itself_returns_its_function(family, options):
     for alpha, beta in ((0.5, 0.5), (0.0, 0.0)):
         zips = zip_groups(stats, alpha=alpha, beta=beta)
         for cut in (cuts[0], cuts[len(cuts) // 2], cuts[-1]):
-            zipped, _, _ = zipped_model([model, model], graph, zips, cut)
+            zipped = merge_models([model, model], graph, zips, cut)
             for output in zipped.forward_tasks(x):
                 assert torch.allclose(output, model(x), atol=1e-10), (alpha, beta, cut.label)
 
@@ -183,8 +182,9 @@ def test_permute_baseline_recovers_a_permuted_copy():
     perms = random_permutation(graph, torch.Generator().manual_seed(3))
     copy_.load_state_dict(apply_permutation(graph, model.state_dict(), perms))
     batches = inputs()
-    stats = feature_stats([model, copy_], graph, batches)
-    zipped, _, _ = zipped_model([model, copy_], graph, permutation_zips(stats, 2), cut_points(model, graph)[-1])
+    cut = cut_points(model, graph)[-1]
+    zips = engine.match(Permute("activations"), [model, copy_], graph, batches, cut=cut)
+    zipped = merge_models([model, copy_], graph, zips, cut)
     x = batches[0][0]
     for output in zipped.forward_tasks(x):
         assert torch.allclose(output, model(x), atol=1e-10)
@@ -196,7 +196,7 @@ def test_partial_zip_has_one_head_per_task_on_a_shared_trunk():
     batches = inputs()
     zips = zip_groups(feature_stats(models, graph, batches), alpha=0.5, beta=0.5)
     cut = find_cut(cut_points(models[0], graph), 13)
-    zipped, inside, _ = zipped_model(models, graph, zips, cut)
+    zipped, inside = merge_models(models, graph, zips, cut), merged_layers(models[0], graph, cut)
     x = batches[0][0]
     outputs = zipped.forward_tasks(x)
     assert len(outputs) == 3 and all(o.shape == (len(x), 5) for o in outputs)
@@ -214,8 +214,8 @@ def test_partial_zip_has_one_head_per_task_on_a_shared_trunk():
     # Each head is its model's remaining layers: fed that model's own trunk output, it gives the model's output.
     for model, head in zip(models, zipped.heads):
         own_trunk, _ = split_at(model, cut.hook)
-        unzipped = zipped_model([model], graph, {g: Zip(torch.arange(n), 1, n) for g, n in graph.groups.items()},
-                                cut)[0]
+        unzipped = merge_models([model], graph, {g: Zip(torch.arange(n), 1, n) for g, n in graph.groups.items()},
+                                cut)
         assert torch.allclose(unzipped.heads[0](own_trunk(x)), model(x))
 
 
@@ -236,17 +236,18 @@ def test_repair_gives_merged_units_the_average_statistics_of_their_members():
     graph = unit_graph(models[0])
     batches = inputs(64)  # one batch: the renormalising pass sees exactly the statistics that are folded in
     zips = zip_groups(feature_stats(models, graph, batches), alpha=0.5, beta=0.5)
-    zipped, inside, used = zipped_model(models, graph, zips, cut_points(models[0], graph)[-1])
-    repair(zipped, models, inside, used, batches)
+    cut = cut_points(models[0], graph)[-1]
+    zipped, inside = merge_models(models, graph, zips, cut), merged_layers(models[0], graph, cut)
+    engine.correct(zipped, "repair", models, inside, zips, batches)
     points = correction_points(inside)
     assert {p.kind for p in points} == {"bn"} and len(points) == sum(1 for layer in inside if layer.kind == "bn")
     names = [p.name for p in points]
     after = channel_moments(zipped.trunk, names, batches)
     parents = [channel_moments(m, names, batches) for m in models]
     for layer in points:
-        zipped_group = used[layer.out_group]
-        mean = merged_targets(zipped_group, [p[layer.name].mean for p in parents])
-        std = merged_targets(zipped_group, [p[layer.name].std for p in parents])
+        zipped_group = zips[layer.out_group]
+        mean = merge_tensors(zipped_group, [p[layer.name].mean for p in parents])
+        std = merge_tensors(zipped_group, [p[layer.name].std for p in parents])
         assert torch.allclose(after[layer.name].mean, mean, atol=1e-6)
         assert torch.allclose(after[layer.name].std, std, atol=1e-4)
 
@@ -266,12 +267,12 @@ def task_models(tmp_path_factory):
 
 
 def test_zip_task_end_to_end(task_models, tmp_path):
-    cfg = make_cfg("zip", [f"models={task_models}/task*", "zip.partial=[1]", "merge.num_batches=4"], tmp_path)
+    cfg = make_cfg("zip", [f"models={task_models}/task*", "merge.stop_at=[null,1]"], tmp_path)
     objective = _run(OmegaConf.merge(cfg, {"objective": "zipit+repair/val_joint_acc"}))
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {row["method"]: row for row in results["table"]}
-    assert list(rows) == ["model A", "model B", "ensemble", "average", "average+repair", "permute",
-                          "permute+repair", "zipit", "zipit+repair", "zipit@1", "zipit@1+repair"]
+    assert list(rows) == ["model A", "model B", "ensemble", "average", "average+repair",
+                          "permute-activations", "permute-activations+repair", "zipit", "zipit+repair", "zipit@1", "zipit@1+repair"]
     assert objective == results["metrics"]["zipit+repair/val_joint_acc"]
     a, b, ensemble = rows["model A"], rows["model B"], rows["ensemble"]
     # The ensemble's heads are the models: same per-task accuracy, and the size and cost of both.

@@ -1,15 +1,15 @@
-"""Weighted average of state dicts: the last step of every "align, then average" method (vanilla averaging is the
-identity alignment). Uniform weights give the same model as :func:`mergelab.merging.soups.uniform_soup`; this adds
-per-model fusion weights (OT fusion, Singh & Jaggi 2020, Sec. 4: ``W_fused = sum_k w_k W_k^aligned``).
+"""Vanilla weight averaging, the identity alignment (``merge=average``), and the fusion weights every merge takes
+(OT fusion, Singh & Jaggi 2020, Sec. 4: ``W_fused = sum_k w_k W_k^aligned``). Uniform weights give the same model
+as :func:`mergelab.merging.soups.uniform_soup`; here it is one method of the merge engine, so it gets every
+correction and depth (:mod:`mergelab.merging.engine`).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Sequence
 
-import torch
-
-State = Mapping[str, torch.Tensor]
+from mergelab.merging.engine import identity_zip
 
 
 def fusion_weights(weights: Sequence[float] | None, count: int) -> list[float]:
@@ -23,25 +23,18 @@ def fusion_weights(weights: Sequence[float] | None, count: int) -> list[float]:
     return [w / total for w in weights]
 
 
-def weighted_average(states: Sequence[State], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
-    """``sum_k w_k state_k`` over floating-point tensors, accumulated in float64 and cast back to each tensor's
-    dtype; integer buffers (BatchNorm's ``num_batches_tracked``) come from the first state. ``weights`` are
-    normalised to sum 1 (``None``: uniform)."""
-    weights = fusion_weights(weights, len(states))
-    first = states[0]
-    keys = [k for k, v in first.items() if v.is_floating_point()]
-    total = [torch.zeros_like(first[k], dtype=torch.float64) for k in keys]
-    for state, weight in zip(states, weights):
-        torch._foreach_add_(total, [state[k].double() for k in keys], alpha=weight)
-    averaged = {k: t.to(first[k].dtype) for k, t in zip(keys, total)}
-    return {k: averaged.get(k, v) for k, v in first.items()}
-
-
+@dataclass(frozen=True)
 class Average:
-    """``merge=average``: vanilla weight averaging, the identity alignment (the baseline of every fusion table)."""
+    """``merge=average``: unit ``j`` of every model merges with unit ``j`` of the others (no alignment)."""
 
-    name = "average"
-    alignment = None
+    name: str = "average"
 
-    def align(self, graph, state_a: State, state_b: State, stats=None, a: int = 0, b: int = 1) -> State:
-        return state_b
+    features = None  # reads weights only
+    num_samples = None
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+    def match(self, graph, models, stats, anchor):
+        return {group: identity_zip(n, len(models)) for group, n in graph.groups.items()}

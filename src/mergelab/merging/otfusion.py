@@ -8,29 +8,34 @@ layer with input plan ``T~_in``:
    (``alignment=weights``) or between their activation vectors on the same inputs (``alignment=activations``);
    Euclidean or cosine, squared or not, optionally normalised by its max/mean/median;
 3. marginals ``alpha`` (B) and ``beta`` (A): uniform, or proportional to the units' incoming weight norms;
-4. plan ``T = argmin <T, M>`` s.t. ``T 1 = alpha, T^T 1 = beta``: exact EMD (``ot.emd``) or entropic (``ot.sinkhorn``);
+4. plan ``T = argmin <T, M>`` s.t. ``T 1 = alpha, T^T 1 = beta``: exact EMD (``ot.emd``) or entropic (``ot.sinkhorn``
+   in the log domain, so that small ``reg`` does not underflow);
 5. ``rescale_plan`` (the reference's ``--correction``): ``T~ = T diag(1/beta)``, so every A unit receives a convex
    combination of B units and an equal-width permutation plan becomes a permutation matrix; without it ``T~ = T``
    (the reference code's default, which scales the aligned weights by the marginals).
 
-Every axis of every tensor of B indexed by a group is then contracted with that group's ``T~``: output rows
-``T~^T W``, inputs ``W T~``, BatchNorm vectors ``T~^T v``. Groups tied by the unit graph (a ResNet's residual stream,
+Every axis of every tensor of B indexed by a group is then contracted with that group's ``T~`` (by the merge
+engine's one weight code, :class:`~mergelab.merging.engine.Plan`): output rows ``T~^T W``, inputs ``W T~``,
+BatchNorm vectors ``T~^T v``. Groups tied by the unit graph (a ResNet's residual stream,
 a layer's BatchNorm) share one plan. A stream's weight metric is built from every writer whose inputs are already
 aligned when the stream is first met (the first block of the stage and its shortcut; later blocks read the stream
 itself); its activation metric uses every writer's activations. Everything is computed in float64.
-A plan whose marginals are not met (Sinkhorn underflow at small ``reg``: NaN, or mass lost) raises
+A plan whose marginals are not met (Sinkhorn stopped before converging, NaN weights) raises
 :class:`UserError` naming the layer: never a silently wrong model.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from dataclasses import dataclass
+from typing import Mapping, Sequence
 
 import numpy as np
 import ot
 import torch
+from torch import nn
 
 from mergelab.errors import UserError
+from mergelab.merging.engine import Plan
 from mergelab.merging.features import FeatureStats
 from mergelab.models.graph import Group, Layer, UnitGraph
 
@@ -116,13 +121,15 @@ def solve_plan(alpha: np.ndarray, beta: np.ndarray, cost: torch.Tensor, *, solve
     if solver == "emd":
         plan = ot.emd(alpha, beta, cost_np, numItermax=max(max_iter, 100_000))
     else:
-        plan = ot.sinkhorn(alpha, beta, cost_np, reg, numItermax=max_iter, warn=False)
+        # Log-domain iterations: the kernel exp(-M/reg) underflows to 0 for small reg in the plain algorithm.
+        plan = ot.sinkhorn(alpha, beta, cost_np, reg, method="sinkhorn_log", numItermax=max_iter, warn=False)
     plan = np.asarray(plan, dtype=np.float64)
     error = np.abs(plan.sum(1) - alpha).sum() + np.abs(plan.sum(0) - beta).sum()
     if not np.isfinite(plan).all() or not error <= tol:
-        hint = (f"increase merge.reg (now {reg}), set merge.normalize=max, or use merge.solver=emd"
+        hint = (f"raise merge.max_iter (now {max_iter}) or merge.reg (now {reg}), or use merge.solver=emd"
                 if solver == "sinkhorn" else "check the models for NaN weights")
-        raise UserError(f"degenerate OT plan for {where}: marginal error {error:.3g} (NaN or mass lost); {hint}")
+        raise UserError(f"degenerate OT plan for {where}: marginal error {error:.3g} (not converged, or NaN); "
+                        f"{hint}")
     return torch.from_numpy(plan)
 
 
@@ -163,41 +170,47 @@ def transport_plans(graph: UnitGraph, state_a: State, state_b: State, *, alignme
     return plans
 
 
-def apply_plans(graph: UnitGraph, state_b: State, plans: Mapping[Group, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Model B in A's units: every grouped axis contracted with its group's plan (float64 math, original dtype)."""
-    aligned = {}
-    for key, tensor in state_b.items():
-        if not tensor.is_floating_point():
-            aligned[key] = tensor
-            continue
-        new = tensor.detach().double()
-        for axis, group in enumerate(graph.axes[key]):
-            if group is not None:
-                new = contract(new, axis, plans[group].to(new.device))
-        aligned[key] = new.to(tensor.dtype)
-    return aligned
-
-
+@dataclass(frozen=True)
 class OTFusion:
-    """``merge=ot``: model B aligned to model A by :func:`transport_plans` + :func:`apply_plans`, then averaged by
-    the caller with the fusion weights. ``where``/``num_samples``: activations read for ``alignment=activations``.
-    The other options are those of :func:`transport_plans`."""
+    """``merge=ot``: every model aligned to the anchor by :func:`transport_plans`, as one :class:`Plan` per group
+    (the anchor's map is the identity); the engine averages with the fusion weights, ``sum_k w_k T~_k^T W_k T~_k``.
+    ``where``/``num_samples``: activations read for ``alignment=activations``. The other options are those of
+    :func:`transport_plans`."""
 
-    name = "ot"
+    alignment: str = "weights"
+    where: str = "pre"
+    num_samples: int | None = 200
+    ground_metric: str = "euclidean"
+    squared: bool = False
+    normalize: str = "none"
+    solver: str = "emd"
+    reg: float = 0.01
+    marginals: str = "uniform"
+    rescale_plan: bool = True
+    past_correction: bool = True
+    max_iter: int = 1000
+    tol: float = 1e-3
+    name: str = "ot"
 
-    def __init__(self, alignment: str = "weights", where: str = "pre", num_samples: int = 200, *,
-                 ground_metric: str = "euclidean", squared: bool = False, normalize: str = "none",
-                 solver: str = "emd", reg: float = 0.01, marginals: str = "uniform", rescale_plan: bool = True,
-                 past_correction: bool = True, max_iter: int = 1000, tol: float = 1e-3):
-        check_options(alignment=alignment, ground_metric=ground_metric, normalize=normalize, solver=solver,
-                      marginals=marginals, reg=reg)
-        self.alignment, self.where, self.num_samples = alignment, where, num_samples
-        self.options = dict(ground_metric=ground_metric, squared=squared, normalize=normalize, solver=solver,
-                            reg=reg, marginals=marginals, rescale_plan=rescale_plan, past_correction=past_correction,
-                            max_iter=max_iter, tol=tol)
+    def __post_init__(self):
+        check_options(alignment=self.alignment, ground_metric=self.ground_metric, normalize=self.normalize,
+                      solver=self.solver, marginals=self.marginals, reg=self.reg)
 
-    def align(self, graph: UnitGraph, state_a: State, state_b: State, stats=None, a: int = 0,
-              b: int = 1) -> dict[str, torch.Tensor]:
-        plans = transport_plans(graph, state_a, state_b, alignment=self.alignment, stats=stats, a=a, b=b,
-                                **self.options)
-        return apply_plans(graph, state_b, plans)
+    @property
+    def features(self) -> str | None:
+        return self.where if self.alignment == "activations" else None
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}-{self.alignment}-{self.solver}"
+
+    def match(self, graph: UnitGraph, models: Sequence[nn.Module], stats, anchor: int) -> dict[Group, Plan]:
+        states = [m.state_dict() for m in models]
+        options = {k: getattr(self, k) for k in ("alignment", "ground_metric", "squared", "normalize", "solver",
+                                                 "reg", "marginals", "rescale_plan", "past_correction", "max_iter",
+                                                 "tol")}
+        plans = [None if k == anchor else transport_plans(graph, states[anchor], state, stats=stats, a=anchor, b=k,
+                                                          **options)
+                 for k, state in enumerate(states)]
+        return {group: Plan(tuple(None if p is None else p[group] for p in plans), n)
+                for group, n in graph.groups.items()}

@@ -1,9 +1,10 @@
-"""fuse.py: align two or more trained models to an anchor and average them (``merge=average|permute|ot``).
+"""fuse.py: merge two or more trained models of one task with any method of the merge engine (``merge=average|
+permute|ot|zipit``), any correction (``merge.correction``) and depth (``merge.stop_at``).
 
 Reports, on validation and test, each model alone, the prediction ensemble (mean logits), the vanilla average and the
-method (each with the corrections of ``merge.correction``: ``none``, ``recompute_bn``), optionally after
-retraining; the loss barrier between the anchor and the second model before and after alignment; optionally the
-Hessian sharpness of the models. Parents can be pruned (and retrained) first.
+method, each with every correction listed, optionally after retraining; the loss barrier between the anchor and the
+second model before and after alignment; optionally the Hessian sharpness of the models. Parents can be pruned (and
+retrained) first. A partial merge (``merge.stop_at``) is scored as the mean of its tails' logits.
 """
 
 from __future__ import annotations
@@ -11,20 +12,20 @@ from __future__ import annotations
 import copy
 import time
 
-import torch
 from omegaconf import OmegaConf
 from torch import nn
 
 from mergelab.barrier import interpolation_curve
 from mergelab.checkpoints import save_checkpoint
-from mergelab.config import corrections, instantiate
+from mergelab.config import corrections as parse_corrections
 from mergelab.errors import UserError
 from mergelab.evaluation import evaluate, has_batchnorm, metrics_from_logits, predict, recompute_bn
-from mergelab.merging.average import fusion_weights, weighted_average
-from mergelab.merging.features import feature_stats
+from mergelab.merging import engine
+from mergelab.merging.average import Average, fusion_weights
 from mergelab.merging.soups import logit_ensemble
 from mergelab.metrics import column, metric_key, table_metrics
 from mergelab.models import check_compatible, unit_graph
+from mergelab.models.multihead import cut_points, find_cut
 from mergelab.population import check_same_architecture, load_model, resolve_checkpoints
 from mergelab.pruning import apply_masks, freeze_pruned, l1_masks, prunable_weights, sparsity
 from mergelab.runner import Context
@@ -57,53 +58,65 @@ def run(ctx: Context) -> dict:
         weights = fusion_weights(cfg.weights, len(models))
     except ValueError as exc:
         raise UserError(f"weights={cfg.weights}: {exc}") from None
-    merge = instantiate(cfg.merge, key="merge", exclude=["correction"])
-    # REPAIR is zip.py's (merge.correction=repair there); the merge engine brings it here.
-    fixes = corrections(cfg.merge.correction, ("none", "recompute_bn"))
-    recompute = "recompute_bn" in fixes and has_batchnorm(models[0])
+    method = engine.build_method(cfg.merge)
+    corrections = [c for c in parse_corrections(cfg.merge.correction)
+                   if c != "recompute_bn" or has_batchnorm(models[0])]  # without BatchNorm it is the identity
+    cut = None if cfg.merge.stop_at is None else find_cut(cut_points(models[0], graph), cfg.merge.stop_at)
+    if cut is not None and cfg.retrain.epochs > 0:
+        raise UserError("retrain.epochs needs a full merge (merge.stop_at=null); a partial merge is one trunk "
+                        "with a tail per model")
 
     table, extra = [], {}
     if cfg.prune.fraction > 0:
         extra["pruning"] = prune_parents(ctx, models, names, graph, data, table, metas[0])
+    if cfg.merge.base_recompute_bn:
+        for model in models:
+            recompute_bn(model, data.train_eval)
 
     for name, model in zip(names, models):
         table.append(row(name, model, data, 0.0))
     table.append(ensemble_row(models, data))
 
-    states = [m.state_dict() for m in models]
-    fused_models = {}
-    start = time.perf_counter()
-    average = build(models[0], weighted_average(states, weights))
-    table += bn_rows("average", average, data, time.perf_counter() - start, fixes, recompute)
-    fused_models["average"] = average
-
-    aligned = states
-    if merge.name != "average":
+    merges = {}  # method label -> (transforms, {row label: merged model})
+    for m in [Average(), method] if method.label != "average" else [method]:
         start = time.perf_counter()
-        aligned = align_all(merge, graph, models, states, anchor, data, cfg.seed)
-        fused = build(models[0], weighted_average(aligned, weights))
-        label = method_label(merge)
-        table += bn_rows(label, fused, data, time.perf_counter() - start, fixes, recompute)
-        fused_models[label] = fused
-    label, fused = list(fused_models.items())[-1]
-    save_checkpoint(ctx.run_dir / "checkpoints" / "fused.safetensors", fused.state_dict(),
-                    {**metas[0], "task": "fuse", "method": label, "parents": [str(p) for p in paths],
-                     "fusion_weights": weights, "seed": ctx.seed})
-
-    if cfg.retrain.epochs > 0:
-        retrained = copy.deepcopy(fused)
-        seconds = retrain(ctx, retrained, data, cfg.retrain.epochs, f"retrain_{label}", metas[0])
-        table.append(row(f"{label} +retrain", retrained, data, seconds))
+        transforms = engine.match(m, models, graph, data.train_eval, anchor=anchor, cut=cut)
+        merged = engine.merge_models(models, graph, transforms, cut, weights)
+        seconds = time.perf_counter() - start
+        merges[m.label] = (transforms, {})
+        for correction in corrections:
+            start = time.perf_counter()
+            corrected = engine.correct(copy.deepcopy(merged), correction, models,
+                                       engine.merged_layers(models[0], graph, cut), transforms, data.train_eval,
+                                       weights)
+            label = m.label if correction == "none" else f"{m.label}+{correction}"
+            table.append(row(label, engine.tail_ensemble(corrected), data, seconds + time.perf_counter() - start))
+            merges[m.label][1][label] = corrected
+    label, fused = list(merges[method.label][1].items())[-1]
+    if cut is None:
+        save_checkpoint(ctx.run_dir / "checkpoints" / "fused.safetensors", fused.state_dict(),
+                        {**metas[0], "task": "fuse", "method": label,
+                         "corrections": [c for c in corrections[-1:] if c != "none"],
+                         "parents": [str(p) for p in paths], "fusion_weights": weights, "seed": ctx.seed})
+        if cfg.retrain.epochs > 0:
+            retrained = copy.deepcopy(fused)
+            seconds = retrain(ctx, retrained, data, cfg.retrain.epochs, f"retrain_{label}", metas[0])
+            table.append(row(f"{label}+retrain", retrained, data, seconds))
 
     other = 1 if anchor != 1 else 0
-    extra["barrier"] = [
-        {"name": f"{names[anchor]} - {names[other]} (vanilla)",
-         **barrier(models[0], states[anchor], states[other], data, cfg.barrier, recompute)}]
-    if merge.name != "average":
-        extra["barrier"].append({"name": f"{names[anchor]} - {names[other]} ({method_label(merge)})",
-                                 **barrier(models[0], states[anchor], aligned[other], data, cfg.barrier, recompute)})
+    states = [m.state_dict() for m in models]
+    reset_bn = "recompute_bn" in corrections
+    extra["barrier"] = []
+    for method_label, (transforms, _) in merges.items():
+        aligned = aligned_state(graph, states, transforms, other)
+        if aligned is not None:
+            name = "vanilla" if method_label == "average" else method_label
+            extra["barrier"].append({"name": f"{names[anchor]} - {names[other]} ({name})",
+                                     **barrier(models[0], states[anchor], aligned, data, cfg.barrier, reset_bn)})
     if cfg.sharpness.enabled:
-        subjects = {names[anchor]: models[anchor], **fused_models}
+        subjects = {names[anchor]: models[anchor]}
+        if cut is None:  # each method's model with its last correction
+            subjects.update(list(rows.items())[-1] for _, rows in merges.values())
         extra["sharpness"] = {name: sharpness(model, data, cfg.sharpness, ctx.seed)
                               for name, model in subjects.items()}
 
@@ -116,18 +129,16 @@ def run(ctx: Context) -> dict:
 # ------------------------------------------------------------------------------------------------------ pieces
 
 
-def method_label(merge) -> str:
-    """``permute-weights``, ``ot-activations-sinkhorn``..."""
-    parts = [merge.name, merge.alignment]
-    if merge.name == "ot":
-        parts.append(merge.options["solver"])
-    return "-".join(p for p in parts if p)
-
-
-def build(template: nn.Module, state: dict) -> nn.Module:
-    model = copy.deepcopy(template)
-    model.load_state_dict(state)
-    return model
+def aligned_state(graph, states, transforms, other: int) -> dict | None:
+    """Model ``other`` alone carried onto the merged units (its fusion weight 1, the others' 0): B aligned to the
+    anchor, computing B's function, when every merged unit has a member of B (alignments: identity, permutations,
+    transport plans); ``None`` for merges that are not alignments (ZipIt!'s within-model merges)."""
+    onehot = [float(k == other) for k in range(len(states))]
+    for transform in transforms.values():
+        mass = transform.mass(onehot)
+        if mass is not None and not bool((mass > 0).all()):
+            return None
+    return engine.merge_states(graph, states, transforms, onehot)
 
 
 def row(method: str, model: nn.Module, data, time_s: float) -> dict:
@@ -144,39 +155,6 @@ def ensemble_row(models: list[nn.Module], data) -> dict:
         logits = logit_ensemble([logits for logits, _ in outputs])
         out.update({f"{split}_{k}": v for k, v in metrics_from_logits(logits, outputs[0][1]).items()})
     return {**out, "time_s": 0.0}
-
-
-def bn_rows(label: str, model: nn.Module, data, time_s: float, fixes: list[str], recompute: bool) -> list[dict]:
-    """The merged model as is (``none`` in ``merge.correction``), and with BatchNorm statistics recomputed on
-    training data (``recompute_bn``, for models with BatchNorm; in place)."""
-    rows = [row(label, model, data, time_s)] if "none" in fixes or not recompute else []
-    if recompute:
-        start = time.perf_counter()
-        recompute_bn(model, data.train_eval)
-        rows.append(row(f"{label}+recompute_bn", model, data, time_s + time.perf_counter() - start))
-    return rows
-
-
-def align_all(merge, graph, models, states, anchor: int, data, seed: int) -> list[dict]:
-    """Every model aligned to the anchor (the anchor itself unchanged); activation features from one pass of all
-    models over ``merge.num_samples`` training images."""
-    stats = None
-    if merge.alignment == "activations":
-        stats = feature_stats(models, graph, sample_batches(data.train_eval, int(merge.num_samples)),
-                              where=merge.where)
-    return [state if k == anchor else merge.align(graph, states[anchor], state, stats, anchor, k)
-            for k, state in enumerate(states)]
-
-
-def sample_batches(batches, count: int):
-    """The first ``count`` samples of a fixed-order split, as batches."""
-    seen = 0
-    for x, y in batches:
-        if seen >= count:
-            return
-        take = min(len(y), count - seen)
-        seen += take
-        yield x[:take], y[:take]
 
 
 def retrain(ctx: Context, model: nn.Module, data, epochs: int, name: str, meta: dict) -> float:
@@ -208,13 +186,13 @@ def prune_parents(ctx: Context, models, names, graph, data, table: list, meta: d
     return report
 
 
-def barrier(template: nn.Module, state_a: dict, state_b: dict, data, cfg, recompute: bool) -> dict:
+def barrier(template: nn.Module, state_a: dict, state_b: dict, data, cfg, reset_bn: bool) -> dict:
     model = copy.deepcopy(template)
     batches = getattr(data, cfg.split)
 
     def measure(state):
         model.load_state_dict(state)
-        if recompute:
+        if reset_bn:
             recompute_bn(model, data.train_eval)
         return evaluate(model, batches)
 
@@ -223,7 +201,7 @@ def barrier(template: nn.Module, state_a: dict, state_b: dict, data, cfg, recomp
 
 def sharpness(model: nn.Module, data, cfg, seed: int) -> dict:
     """Hessian statistics of the training loss on the first ``cfg.num_samples`` training images."""
-    batches = list(sample_batches(data.train_eval, int(cfg.num_samples)))
+    batches = list(engine.take(data.train_eval, int(cfg.num_samples)))
     return sharpness_report(model, batches, top_k=cfg.top_k, power_iters=cfg.power_iters,
                             trace_samples=cfg.trace_samples, lanczos_steps=cfg.lanczos_steps,
                             density_runs=cfg.density_runs, radius=cfg.radius, points=cfg.points, seed=seed)

@@ -1,15 +1,17 @@
-"""zip.py: merge models trained on disjoint tasks with ZipIt! (Stoica et al. 2024) and compare with its baselines.
+"""zip.py: merge models trained on disjoint tasks (ZipIt!, Stoica et al. 2024, by default) and compare methods.
 
 Every model was trained on its own class subset (``train.py dataset.classes=[...]``). The table has each model alone,
-the ensemble of all, their weight average, permutation matching by activation correlations then averaging, ZipIt!
-at ``merge.stop_at`` and at the depths of ``zip.partial``; each merge with no correction, BatchNorm statistics
-recomputed and REPAIR (``merge.correction``). Every row is a trunk shared by all tasks plus one head per task
-(:class:`~mergelab.models.multihead.MultiHead`), scored on the joint task (argmax over all heads' logits, labels
-from the union of the classes), on each task with its own head, and their average, on validation and test; with its
-parameters and multiply-accumulates per input.
+the ensemble of all, the baselines (weight average; permutation matching by activation correlations) and the
+method of ``merge=`` (ZipIt! unless told otherwise) at every depth of ``merge.stop_at`` (null: everything but the
+task heads), each merge with every correction of ``merge.correction``. Every row is a trunk shared by all tasks
+plus one head per task (:class:`~mergelab.models.multihead.MultiHead`), scored on the joint task (labels from the
+union of the classes) two ways: ``joint_acc``, the argmax over all heads' logits, and ``joint_softmax_acc``, the
+argmax over each head's softmax (the ZipIt! code's evaluator); on each task with its own head, and their average;
+on validation and test, with its parameters and multiply-accumulates per input.
 
 Validation and test data are each task's own splits, built with the seed its model was trained with, so no
-validation image was seen in training by the model whose classes it belongs to.
+validation image was seen in training by the model whose classes it belongs to. The merge data (features,
+``recompute_bn``, REPAIR, ``merge.base_recompute_bn``) is every task's training data, taken in turn.
 """
 
 from __future__ import annotations
@@ -25,15 +27,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from mergelab.checkpoints import read_meta
-from mergelab.config import corrections as parse_corrections
-from mergelab.config import instantiate
 from mergelab.data import Data, build_data
+from mergelab.config import corrections as parse_corrections
 from mergelab.errors import UserError
 from mergelab.evaluation import has_batchnorm, recompute_bn
 from mergelab.flops import count_macs, count_params
-from mergelab.merging.align import activation_matching
-from mergelab.merging.features import feature_stats
-from mergelab.merging.zipit import ZipIt, identity_zip, permutation_zip, repair, zipped_model
+from mergelab.merging import engine
+from mergelab.merging.align import Permute
+from mergelab.merging.average import Average
 from mergelab.metrics import table_metrics
 from mergelab.models import unit_graph
 from mergelab.models.graph import _model_names
@@ -61,27 +62,19 @@ def run(ctx: Context) -> dict:
     cuts = cut_points(models[0], graph)
     if cfg.list_layers:
         return {"task": "zip", "metrics": {}, "table": cut_table(cuts, graph)}
-    zipit = instantiate(cfg.merge, key="merge", exclude=["correction"])
-    if not isinstance(zipit, ZipIt):
-        raise UserError(f"zip.py merges with merge=zipit, got {cfg.merge.get('_target_')}; the average and "
-                        "permute baselines are rows of zip.py's own table (zip.baselines)")
-    depths = {"zipit": find_cut(cuts, zipit.stop_at),
-              **{f"zipit@{cut.depth}": cut for cut in (find_cut(cuts, s) for s in cfg.zip.partial)}}
-    corrections, baselines = parse_corrections(cfg.merge.correction), \
-        checked(cfg.zip.baselines, BASELINES, "zip.baselines")
+    method = engine.build_method(cfg.merge)
+    depths = [find_cut(cuts, stop_at) for stop_at in engine.listed(cfg.merge.stop_at)]
+    corrections = parse_corrections(cfg.merge.correction)
+    baselines = checked(cfg.zip.baselines, BASELINES, "zip.baselines")
     tasks = [Task(meta_classes(meta), task_data(ctx, meta_classes(meta), meta["seed"])) for meta in metas]
-    features = RoundRobin([task.data.train_eval for task in tasks])
+    merge_data = RoundRobin([task.data.train_eval for task in tasks])
     example = next(iter(tasks[0].data.test))[0]
+    if cfg.merge.base_recompute_bn:  # the ZipIt! code's protocol: every base model's statistics on the merge data
+        for model in models:
+            recompute_bn(model, merge_data)
 
-    start = time.perf_counter()
-    stats = feature_stats(models, graph, features, num_batches=zipit.num_batches)
-    feature_s = time.perf_counter() - start
-    start = time.perf_counter()
-    zips = zipit.match(stats)
-    match_s = time.perf_counter() - start
-
-    def score(method: str, model: nn.Module, covered: list[int], cut: Cut | None = None) -> dict:
-        return evaluate_row(method, model, covered, tasks, example, cut)
+    def score(label: str, model: nn.Module, covered: list[int], cut: Cut | None = None) -> dict:
+        return evaluate_row(label, model, covered, tasks, example, cut)
 
     table = []
     names = _model_names(len(models))
@@ -89,30 +82,34 @@ def run(ctx: Context) -> dict:
         table += [score(name, MultiHead(nn.Identity(), [m]), [i]) for i, (name, m) in enumerate(zip(names, models))]
     if "ensemble" in baselines:
         table.append(score("ensemble", MultiHead(nn.Identity(), models), list(range(len(models)))))
-    merges = {}
-    if "average" in baselines:
-        merges["average"] = ({g: identity_zip(n, len(models)) for g, n in graph.groups.items()}, cuts[-1])
-    if "permute" in baselines:
-        merges["permute"] = (permutation_zips(stats, len(models)), cuts[-1])
-    merges.update({name: (zips, cut) for name, cut in depths.items()})
-    for method, (method_zips, cut) in merges.items():
-        merged, inside, used = zipped_model(models, graph, method_zips, cut)
-        # Without BatchNorm, resetting its statistics is the identity: no row for it.
+    merges = [(m, cuts[-1], m.label) for m in (Average(), Permute("activations", num_samples=method.num_samples))
+              if m.name in baselines]
+    # The first depth is the method's row (an Optuna objective names it whatever stop_at is), the others @depth.
+    merges += [(method, cut, method.label if k == 0 else f"{method.label}@{cut.depth}") for k, cut in enumerate(depths)]
+    cache, timing, merged_features = {}, {}, {}
+    for m, cut, label in merges:
+        start = time.perf_counter()
+        transforms = engine.match(m, models, graph, merge_data, cut=cut, cache=cache)
+        timing[label] = time.perf_counter() - start
+        merged = engine.merge_models(models, graph, transforms, cut)
+        layers = engine.merged_layers(models[0], graph, cut)
+        # Without BatchNorm, recomputing its statistics is the identity: no row for it.
         for correction in (c for c in corrections if c != "recompute_bn" or has_batchnorm(merged)):
-            corrected = correct(copy.deepcopy(merged), correction, models, inside, used, features,
-                                zipit.num_batches)
-            label = method if correction == "none" else f"{method}+{correction}"
-            table.append(score(label, corrected, list(range(len(models))), cut))
+            corrected = engine.correct(copy.deepcopy(merged), correction, models, layers, transforms, merge_data)
+            table.append(score(label if correction == "none" else f"{label}+{correction}", corrected,
+                               list(range(len(models))), cut))
+        if m is method and cut == depths[0]:
+            merged_features = {g: t.sizes.tolist() for g, t in transforms.items() if isinstance(t, engine.Zip)}
 
     metrics = table_metrics(table, skip=["depth"])
     logger = ctx.open_logger()
     logger.scalars("", metrics, step=0)
-    logger.hparams({"alpha": zipit.alpha, "beta": zipit.beta, "stop_at": str(zipit.stop_at),
-                    "arch": models[0].arch, "num_models": len(models)}, metrics)
+    logger.hparams({**{k: v for k, v in OmegaConf.to_container(cfg.merge).items()
+                       if isinstance(v, (int, float, str, bool))},
+                    "stop_at": str(cfg.merge.stop_at), "arch": models[0].arch, "num_models": len(models)}, metrics)
     return {"task": "zip", "metrics": metrics, "table": table,
             "models": [str(p) for p in paths], "tasks": [task.classes for task in tasks],
-            "cuts": cut_table(cuts, graph), "feature_time_s": feature_s, "match_time_s": match_s,
-            "merged_features": {g: z.sizes.tolist() for g, z in zips.items()}}
+            "cuts": cut_table(cuts, graph), "match_time_s": timing, "merged_features": merged_features}
 
 
 # ------------------------------------------------------------------------------------------------- inputs
@@ -169,7 +166,7 @@ def checked(values, allowed: tuple[str, ...], key: str) -> list[str]:
 
 class RoundRobin:
     """Batches taken from each iterable in turn (task A, task B, task A...), until all are spent: training data
-    of every task for the features, BatchNorm statistics and REPAIR, whatever ``num_batches`` cuts it to."""
+    of every task for the features, BatchNorm statistics and REPAIR (``merge.num_samples`` cuts the features')."""
 
     def __init__(self, sources):
         self.sources = sources
@@ -180,28 +177,9 @@ class RoundRobin:
 
 
 def cut_table(cuts: list[Cut], graph) -> list[dict]:
-    """Where the models can be cut (the values ``merge.stop_at`` and ``zip.partial`` take)."""
+    """Where the models can be cut (the values ``merge.stop_at`` takes)."""
     return [{"depth": cut.label, "stop_at": cut.depth, "hook": cut.hook, "group": cut.group,
              "units": graph.groups[cut.group], "layers": " ".join(cut.layers)} for cut in cuts]
-
-
-# ------------------------------------------------------------------------------------------------- methods
-
-
-def permutation_zips(stats, num_models: int) -> dict:
-    """Permutation matching of every model onto model A by activation correlation (Git Re-Basin, Sec. 3.1), as
-    zips: unit ``j`` of A merges with the unit of each other model matched to it."""
-    perms = [activation_matching(stats, 0, i) for i in range(1, num_models)]
-    return {g: permutation_zip([torch.arange(s.units), *(p[g] for p in perms)]) for g, s in stats.items()}
-
-
-def correct(model: MultiHead, correction: str, parents, inside, zips, batches, num_batches) -> MultiHead:
-    """``none``; ``recompute_bn``: BatchNorm statistics recomputed on training data; ``repair``: REPAIR."""
-    if correction == "recompute_bn":
-        return recompute_bn(model, itertools.islice(batches, num_batches))
-    if correction == "repair":
-        return repair(model, parents, inside, zips, batches, num_batches)
-    return model
 
 
 # ------------------------------------------------------------------------------------------------- evaluation
@@ -220,18 +198,21 @@ def evaluate_row(method: str, model: MultiHead, covered: list[int], tasks: list[
 @torch.no_grad()
 def split_accuracies(model: MultiHead, covered: list[int], tasks: list[Task], split: str) -> dict:
     """Accuracy (%) on every task's ``split``: joint (argmax over the concatenated logits of the heads, which
-    cover tasks ``covered``, against the original label), per task with its own head (None for a task no head
-    covers), and the average over tasks."""
+    cover tasks ``covered``, against the original label), joint by per-task softmax (argmax over each head's
+    softmax probabilities, concatenated: the ZipIt! code's ``evaluate_logits_alltasks``, which puts the heads on
+    one scale), per task with its own head (None for a task no head covers), and the average over tasks."""
     model.eval()
     device = next(model.parameters()).device
     joint_classes = torch.tensor([c for t in covered for c in tasks[t].classes], device=device)
-    joint_correct, joint_total, per_task = 0, 0, {}
+    joint_correct, softmax_correct, joint_total, per_task = 0, 0, 0, {}
     for t, task in enumerate(tasks):
         original = torch.tensor(task.classes, device=device)
         correct_t, total_t = 0, 0
         for x, y in getattr(task.data, split):
             outputs = model.forward_tasks(x)
             joint_correct += int((joint_classes[torch.cat(outputs, 1).argmax(1)] == original[y]).sum())
+            probabilities = torch.cat([o.float().softmax(1) for o in outputs], 1)
+            softmax_correct += int((joint_classes[probabilities.argmax(1)] == original[y]).sum())
             if t in covered:
                 correct_t += int((outputs[covered.index(t)].argmax(1) == y).sum())
             total_t += len(y)
@@ -239,5 +220,6 @@ def split_accuracies(model: MultiHead, covered: list[int], tasks: list[Task], sp
         per_task[t] = 100.0 * correct_t / total_t if t in covered else None
     scores = [v for v in per_task.values() if v is not None]
     return {f"{split}_joint_acc": 100.0 * joint_correct / joint_total,
+            f"{split}_joint_softmax_acc": 100.0 * softmax_correct / joint_total,
             **{f"{split}_task{t}_acc": v for t, v in per_task.items()},
             f"{split}_avg_task_acc": sum(scores) / len(scores) if len(scores) == len(tasks) else None}

@@ -1,0 +1,114 @@
+"""REPAIR (Jordan et al. 2023, "REPAIR: REnormalizing Permuted Activations for Interpolation Repair", Sec. 4): after
+a merge, every merged unit is rescaled so that its mean and standard deviation are the merge of its members' in the
+parent models. A correction of the merge engine (``merge.correction=repair``), for every method and depth.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from mergelab.errors import UserError
+from mergelab.merging.features import as_samples, hooked_eval
+from mergelab.models.graph import Group, Layer
+
+
+def correction_points(layers: Sequence[Layer]) -> list[Layer]:
+    """Where REPAIR renormalises: each layer's last affine step before its nonlinearity or residual addition,
+    i.e. every norm layer, and every linear/conv layer not directly followed by its norm."""
+    points = []
+    for layer, following in itertools.zip_longest(layers, layers[1:]):
+        if layer.kind == "bn":
+            points.append(layer)
+        elif not (following is not None and following.kind == "bn" and following.out_group == layer.out_group):
+            points.append(layer)
+    return points
+
+
+class _Moments:
+    """Streaming per-channel mean and variance (channel dim 1; conv positions as samples), float64."""
+
+    def __init__(self):
+        self.count, self.sum, self.squares = 0, 0.0, 0.0
+
+    def add(self, output: torch.Tensor) -> None:
+        samples = as_samples(output.detach()).double()
+        self.count += samples.shape[0]
+        self.sum = self.sum + samples.sum(0)
+        self.squares = self.squares + samples.square().sum(0)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.squares / self.count - self.mean.square()).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def channel_moments(model: nn.Module, names: Sequence[str], batches: Iterable) -> dict[str, _Moments]:
+    """Per-channel mean and std of the outputs of modules ``names`` of ``model`` (eval mode), in one pass."""
+    moments = {name: _Moments() for name in names}
+    hooks = [(model, name, lambda m, i, out, s=moments[name]: s.add(out)) for name in names]
+    with hooked_eval([model], hooks):
+        for x, _ in batches:
+            model(x)
+    return moments
+
+
+@torch.no_grad()
+def repair(model: nn.Module, trunk: nn.Module, parents: Sequence[nn.Module], layers: Sequence[Layer],
+           merge_values: Callable[[Group, list[torch.Tensor]], torch.Tensor], batches: Iterable,
+           eps: float = 1e-8) -> nn.Module:
+    """REPAIR ``model`` in place: ``trunk`` (``model`` itself or its merged trunk) holds the merged ``layers``
+    under the parents' module names; ``merge_values(group, per-parent vectors)`` merges a per-unit quantity
+    like the weights (the members' average).
+
+    At each correction point (:func:`correction_points`) the targets are the merged parents' per-channel mean and
+    std. The merged network's own statistics are measured in one pass in which every point already renormalises
+    its batch to the targets (the paper's reset layers), so each point sees corrected inputs; the affine
+    correction ``a * y + b`` is then folded into the point's norm layer (``weight``, ``bias``) or its linear/conv
+    layer.
+    """
+    points = [layer for layer in correction_points(layers) if layer.out_group is not None]
+    names = [layer.name for layer in points]
+    parent_moments = [channel_moments(parent, names, batches) for parent in parents]
+    targets = {layer.name: (merge_values(layer.out_group, [pm[layer.name].mean for pm in parent_moments]),
+                            merge_values(layer.out_group, [pm[layer.name].std for pm in parent_moments]))
+               for layer in points}
+    measured = {name: _Moments() for name in names}
+
+    def renormalise(name):
+        def hook(module, inputs, output):
+            measured[name].add(output)
+            samples = as_samples(output).double()
+            mean, std = targets[name]
+            scale = std / (samples.var(0, unbiased=False) + eps).sqrt()
+            shape = (1, -1) + (1,) * (output.ndim - 2)
+            return ((output - samples.mean(0).view(shape).to(output.dtype)) * scale.view(shape).to(output.dtype)
+                    + mean.view(shape).to(output.dtype))
+        return hook
+
+    with hooked_eval([model], [(trunk, name, renormalise(name)) for name in names]):
+        for x, _ in batches:
+            model(x)
+    for layer in points:
+        mean, std = targets[layer.name]
+        scale = std / (measured[layer.name].std.square() + eps).sqrt()
+        _fold_affine(trunk.get_submodule(layer.name), layer, scale, mean - scale * measured[layer.name].mean)
+    return model
+
+
+def _fold_affine(module: nn.Module, layer: Layer, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """Makes ``module``'s output ``scale * y + shift`` per output channel."""
+    weight = module.weight
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        raise UserError(f"REPAIR needs a bias or a BatchNorm after {layer.name}; use merge.correction=recompute_bn "
+                        "or none for this model, or build it with model.bias=true")
+    weight.mul_(scale.to(weight).view(-1, *([1] * (weight.ndim - 1))))
+    bias.mul_(scale.to(bias)).add_(shift.to(bias))
