@@ -206,7 +206,7 @@ def test_fuse_task_reports_every_row_barrier_and_sharpness(trained, tmp_path):
     assert (tmp_path / "checkpoints" / "fused.safetensors").is_file()
 
 
-def test_fuse_resnet_activations_with_bn_reset_and_three_weighted_models(trained, tmp_path):
+def test_fuse_resnet_activations_with_recompute_bn_and_three_weighted_models(trained, tmp_path):
     _run(make_cfg("fuse", [*SMALL, f"models={trained}/resnet*", "merge=permute", "merge.alignment=activations",
                            "merge.num_samples=200", "barrier.points=3"], tmp_path / "resnet"))
     methods = [r["method"] for r in results(tmp_path / "resnet")["table"]]
