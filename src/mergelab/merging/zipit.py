@@ -142,7 +142,7 @@ class ZipIt:
 
     alpha: float = 0.5
     beta: float = 0.5
-    num_samples: int | None = None
+    num_samples: int | None = 20480
     name: str = "zipit"
 
     features = "post"  # correlations of the features after the nonlinearity (Sec. 4.1)
