@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -55,6 +55,7 @@ class Context:
     run_dir: Path
     device: torch.device
     logger: RunLogger | None = None
+    on_epoch_end: Callable | None = None  # passed to Trainer.fit: reports to an Optuna trial (mergelab.tuning)
     _data: dict = field(default_factory=dict)
 
     def open_logger(self, purge_step: int | None = None) -> RunLogger:
@@ -109,8 +110,9 @@ def resume_dir(cfg: DictConfig) -> Path | None:
     return folder
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Run ``cfg.task``; return the metric named by ``cfg.objective`` (for sweepers), or None.
+def run(cfg: DictConfig) -> float | list[float] | None:
+    """Run ``cfg.task``; return the metric named by ``cfg.objective`` (for sweepers; a list of metrics gives a list
+    of values), or None.
 
     A :class:`UserError` ends a single run with ``error: <message>`` and exit status 2. In a multirun it is
     re-raised so that the launcher or sweeper records that job as failed and goes on with the others.
@@ -124,7 +126,7 @@ def run(cfg: DictConfig) -> float | None:
         sys.exit(2)
 
 
-def _run(cfg: DictConfig) -> float | None:
+def _run(cfg: DictConfig) -> float | list[float] | None:
     start = time.perf_counter()
     run_dir = resume_dir(cfg) or (Path(cfg.out_dir) if cfg.get("out_dir") else hydra_output_dir())
     if run_dir is None:
@@ -136,6 +138,10 @@ def _run(cfg: DictConfig) -> float | None:
     except ModuleNotFoundError:
         raise UserError(f"unknown task {cfg.task!r}; see src/mergelab/tasks/ for the tasks") from None
     ctx = Context(cfg=cfg, run_dir=run_dir, device=device)
+    if is_multirun():
+        from mergelab.tuning import trial_reporter
+
+        ctx.on_epoch_end = trial_reporter(cfg)
     results = task.run(ctx)
     if ctx.logger:
         ctx.logger.close()
@@ -145,10 +151,16 @@ def _run(cfg: DictConfig) -> float | None:
     if results.get("table"):
         print(format_table(results["table"]))
     print(f"results: {ctx.run_dir / 'results.json'}")
-    objective = cfg.get("objective")
-    if objective:
-        metrics = results.get("metrics", {})
-        if objective not in metrics:
-            raise UserError(f"objective {objective!r} is not a metric of this run; choose one of {sorted(metrics)}")
-        return float(metrics[objective])
-    return None
+    return objective_values(cfg.get("objective"), results.get("metrics", {}))
+
+
+def objective_values(objective: str | list[str] | None, metrics: dict) -> float | list[float] | None:
+    """The metric ``objective`` names (a float), or every metric of a list (a list), or None without objective."""
+    if not objective:
+        return None
+    names = [objective] if isinstance(objective, str) else list(objective)
+    for name in names:
+        if name not in metrics:
+            raise UserError(f"objective {name!r} is not a metric of this run; choose one of {sorted(metrics)}")
+    values = [float(metrics[name]) for name in names]
+    return values[0] if isinstance(objective, str) else values
