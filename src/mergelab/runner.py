@@ -9,6 +9,7 @@ objective returned to a sweeper, and turning bad input into a one-line error.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mergelab import distributed
 from mergelab.checkpoints import write_json
 from mergelab.errors import UserError
 from mergelab.reporting import RunLogger, format_table
@@ -58,9 +60,10 @@ class Context:
     on_epoch_end: Callable | None = None  # passed to Trainer.fit: reports to an Optuna trial (mergelab.tuning)
     _data: dict = field(default_factory=dict)
 
-    def open_logger(self, purge_step: int | None = None) -> RunLogger:
-        """TensorBoard events in the run folder (``purge_step`` drops an interrupted run's later events)."""
-        if self.logger is None:
+    def open_logger(self, purge_step: int | None = None) -> RunLogger | None:
+        """TensorBoard events in the run folder (``purge_step`` drops an interrupted run's later events); None on
+        ranks other than 0 of a torchrun job."""
+        if self.logger is None and distributed.is_main():
             self.logger = RunLogger(self.run_dir, purge_step=purge_step)
         return self.logger
 
@@ -124,6 +127,14 @@ def run(cfg: DictConfig) -> float | list[float] | None:
             raise
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:
+        if not distributed.lost(exc):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's next SIGTERM must not interrupt the line below
+        cause = str(exc).strip().splitlines()[0][:200]
+        print(f"error: rank {distributed.rank()} stopped: another rank of this job died ({cause}); the checkpoints "
+              "written so far are intact: rerun the command with resume=<run folder> to continue", file=sys.stderr)
+        sys.exit(1)
 
 
 def _run(cfg: DictConfig) -> float | list[float] | None:
@@ -131,7 +142,12 @@ def _run(cfg: DictConfig) -> float | list[float] | None:
     run_dir = resume_dir(cfg) or (Path(cfg.out_dir) if cfg.get("out_dir") else hydra_output_dir())
     if run_dir is None:
         raise UserError("no run folder: call through a Hydra entry script or set out_dir=<folder>")
-    device = resolve_device(cfg.device)
+    device = distributed.setup(resolve_device(cfg.device))  # under torchrun: this rank's device
+    own_folder = hydra_output_dir()
+    # Rank 0's run folder on every rank, whatever second each rank's Hydra named its own by.
+    run_dir, main_folder = distributed.agree((run_dir, own_folder))
+    if own_folder is not None and own_folder != main_folder:
+        distributed.discard_folder(own_folder)
     torch.manual_seed(int(cfg.seed))
     try:
         task = importlib.import_module(f"mergelab.tasks.{cfg.task}")
@@ -145,6 +161,8 @@ def _run(cfg: DictConfig) -> float | list[float] | None:
     results = task.run(ctx)
     if ctx.logger:
         ctx.logger.close()
+    if not distributed.is_main():
+        return None  # results.json, the table and the objective are rank 0's
     results["time_s"] = time.perf_counter() - start
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     write_json(ctx.run_dir / "results.json", results)
