@@ -164,11 +164,12 @@ def test_pruned_and_failed_trials_best_config_reruns_and_the_dashboard_reads_the
     assert [t["number"] for t in detail["best_trials"]] == [0]
 
 
-def test_two_objective_zipit_study_writes_its_pareto_front(zip_task_models, tmp_path):
+def test_two_objective_zipit_study_on_a_journal_file_writes_its_pareto_front(zip_task_models, tmp_path):
     hydra_main("zip", "--multirun", "+hparams_search=zip_pareto", f"models={zip_task_models}/task*",
                "merge.num_batches=2", "progress=false", "hydra.sweeper.n_trials=4",
-               f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", f"hydra.sweep.dir={tmp_path}/multirun")
-    study = load(tmp_path, "zip_pareto")
+               f"hydra.sweeper.storage=journal:{tmp_path}/journal.log", f"hydra.sweep.dir={tmp_path}/multirun")
+    study = optuna.load_study(study_name="zip_pareto", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log"))))
     done = [t for t in study.trials if t.state == COMPLETE]
     assert len(done) == 4 and [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     # The Pareto front by hand: a trial is on it iff no other has accuracy >= and MACs <=, one of them strictly.
