@@ -107,6 +107,9 @@ def wrap(model: nn.Module, sync_bn: bool = False) -> nn.Module:
     (BatchNorm converted to SyncBatchNorm in place first when ``sync_bn``). Parameters stay ``model``'s."""
     if world_size() == 1:
         return model
+    if sync_bn and not next(model.parameters()).is_cuda:
+        raise UserError("train.sync_bn=true needs CUDA: PyTorch's SyncBatchNorm runs on GPUs only; "
+                        "drop train.sync_bn on CPU")
     if sync_bn:
         for name, child in list(model.named_children()):
             setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))

@@ -125,7 +125,8 @@ def run(cfg: DictConfig) -> float | list[float] | None:
     except UserError as exc:
         if is_multirun():
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if distributed.is_main():  # every rank of a torchrun job meets the same bad input: one line, from rank 0
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:
         if not distributed.lost(exc):

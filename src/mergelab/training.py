@@ -122,7 +122,6 @@ class Trainer:
         self.device = next(model.parameters()).device
         distributed.check_batch_size(int(self.tcfg.batch_size))
         self.main = distributed.is_main()
-        self.net = distributed.wrap(model, bool(self.tcfg.get("sync_bn", False)))  # what steps: DDP across ranks
         self.steps_per_epoch = len(data.train)
         self.total_steps = self.tcfg.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(cfg.optimizer, model)
@@ -143,6 +142,9 @@ class Trainer:
                 raise UserError(f"{exc}; fix the ema.* settings") from None
         self.recompute_bn = bool(ema_cfg.get("recompute_bn", False)) and has_batchnorm(model)
         self._eval_model = copy.deepcopy(model) if self.ema else None
+        # What steps: a DDP wrapper across ranks (after the copy above: SyncBatchNorm must stay out of rank 0's
+        # evaluation, where a training-mode pass for recompute_bn would wait for the other ranks).
+        self.net = distributed.wrap(model, bool(self.tcfg.get("sync_bn", False)))
         self.progress = bool(cfg.get("progress", True))
         self.epoch, self.step = 0, 0
         self.best_val = -math.inf
