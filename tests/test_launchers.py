@@ -1,5 +1,6 @@
-"""Launchers: joblib runs a multirun's jobs in parallel processes, submitit_local stands in for SLURM; the
-results equal a plain in-process run, and multirun folders are named by their overrides."""
+"""Launchers: joblib runs a multirun's jobs in parallel processes, submitit_local stands in for SLURM (a job of two
+tasks trains as one DDP run); the results equal a plain in-process run, and multirun folders are named by their
+overrides."""
 
 import json
 

@@ -221,7 +221,10 @@ def sweep(sweeper, arguments: list[str]) -> optuna.Study:
                         "or pass a sweep such as 'optimizer.lr=tag(log,interval(1e-3,1))'")
     directions = directions_of(opts["direction"])
     objective = config.get("objective")
-    n_objectives = 1 if isinstance(objective, str) else len(objective or [])
+    if not objective:
+        raise UserError("a study needs objective=<validation metric of the run> (e.g. raw/val_acc), "
+                        "or a list of them with one hydra.sweeper.direction each")
+    n_objectives = 1 if isinstance(objective, str) else len(objective)
     if n_objectives != len(directions):
         raise UserError(f"objective={objective} names {n_objectives} metric(s) but hydra.sweeper.direction has "
                         f"{len(directions)}; give one direction per objective")
