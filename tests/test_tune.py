@@ -22,11 +22,11 @@ from conftest import CONF, ROOT, make_cfg
 from hydra_inprocess import hydra_main
 from mergelab.runner import _run
 from mergelab.errors import UserError
-from mergelab.tuning import RetryCallback, make_pruner, search_space
+from mergelab.tuning import HEARTBEAT_ATTR, RetryCallback, make_pruner, open_storage, search_space
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
-COMPLETE, FAIL, PRUNED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
-                          optuna.trial.TrialState.PRUNED)
+COMPLETE, FAIL, PRUNED, RUNNING = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL,
+                                   optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.RUNNING)
 TINY = ["model=mlpnet", "train.epochs=1", "progress=false"]
 
 
@@ -45,49 +45,61 @@ def study_args(tmp_path, name):
             f"hydra.sweep.dir={tmp_path}/multirun", *TINY]
 
 
-def load(tmp_path, name):
-    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db")
+def storage_url(tmp_path, kind):
+    return f"sqlite:///{tmp_path}/optuna.db" if kind == "sqlite" else f"journal:{tmp_path}/journal.log"
 
 
-def count(tmp_path, query):
-    """A count from the study's database, read without write access: opening it through Optuna while the other
-    process creates it would race with its schema creation."""
-    db = tmp_path / "optuna.db"
-    if not db.is_file():
-        return 0
+def load(tmp_path, name, kind="sqlite"):
+    url = storage_url(tmp_path, kind)
+    return optuna.load_study(study_name=name, storage=url if kind == "sqlite" else open_storage(url))
+
+
+def progress(tmp_path, kind, name):
+    """(finished trials, running trials with a heartbeat) so far, read while another process writes the study.
+
+    SQLite is read without write access: opening it through Optuna while the other process creates it would race
+    with its schema creation. A journal file is append-only and safe to read."""
+    if kind == "sqlite":
+        db = tmp_path / "optuna.db"
+        queries = ("SELECT count(*) FROM trials WHERE state = 'COMPLETE'",
+                   "SELECT count(*) FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+                   "WHERE t.state = 'RUNNING'")
+        try:
+            with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
+                return tuple(con.execute(q).fetchone()[0] for q in queries)
+        except sqlite3.OperationalError:  # no file or tables yet, or locked for a write
+            return 0, 0
+    if not (tmp_path / "journal.log").is_file():
+        return 0, 0
     try:
-        with closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            return con.execute(query).fetchone()[0]
-    except sqlite3.OperationalError:  # tables not created yet, or locked for a write
-        return 0
+        trials = load(tmp_path, name, kind).trials
+    except KeyError:  # the study is not created yet
+        return 0, 0
+    return (sum(t.state == COMPLETE for t in trials),
+            sum(t.state == RUNNING and HEARTBEAT_ATTR in t.system_attrs for t in trials))
 
 
-COMPLETED = "SELECT count(*) FROM trials WHERE state = 'COMPLETE'"
-BEATING = ("SELECT count(*) FROM trials t JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
-           "WHERE t.state = 'RUNNING'")
-
-
-def test_killed_study_continues_and_retries_the_killed_trial(tmp_path):
-    args = ["--multirun", *study_args(tmp_path, "resume"), "hydra.sweeper.heartbeat_interval=1",
-            "hydra.sweeper.grace_period=2"]
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_killed_study_continues_and_retries_the_killed_trial(tmp_path, kind):
+    args = ["--multirun", *study_args(tmp_path, "resume"), f"hydra.sweeper.storage={storage_url(tmp_path, kind)}",
+            "hydra.sweeper.heartbeat_interval=1", "hydra.sweeper.grace_period=2"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "tune.py"), *args, "hydra.sweeper.n_trials=100"], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
-        while not (count(tmp_path, COMPLETED) >= 1 and count(tmp_path, BEATING) == 1) \
-                and proc.poll() is None and time.monotonic() < deadline:
+        while progress(tmp_path, kind, "resume") < (1, 1) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    first = load(tmp_path, "resume").trials
-    killed = [t for t in first if t.state == optuna.trial.TrialState.RUNNING]
+    first = load(tmp_path, "resume", kind).trials
+    killed = [t for t in first if t.state == RUNNING]
     assert len(killed) == 1 and any(t.state == COMPLETE for t in first), [t.state for t in first]
     time.sleep(2.5)  # the killed trial's last heartbeat is now older than the grace period
 
     hydra_main("tune", *args, "hydra.sweeper.n_trials=2")
 
-    trials = load(tmp_path, "resume").trials
+    trials = load(tmp_path, "resume", kind).trials
     assert len(trials) == len(first) + 2  # one study: the killed run's trials and the 2 of the rerun
     assert [t.params for t in trials[:len(first)]] == [t.params for t in first]
     assert trials[killed[0].number].state == FAIL  # stale heartbeat: failed by the rerun...

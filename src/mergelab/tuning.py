@@ -15,7 +15,8 @@ its options and the command line to :func:`sweep`, which
 - tells the study each outcome: COMPLETE with the job's return (one value per objective), PRUNED, or FAIL for a
   job that raised (a diverged run included). On SQL storages, a trial whose process died (killed, preempted) stops
   beating; the next sweep on the study marks it FAIL and enqueues it again (``max_retry``) through Optuna's
-  ``fail_stale_trials`` and its retry callback;
+  ``fail_stale_trials`` and its retry callback (on journal storages, which have no heartbeats in Optuna, through the
+  same rule on a heartbeat kept in the trial's system attributes);
 - writes the results (:func:`export_study`): ``best.yaml`` and ``best_config.yaml`` (rerun it with
   ``python train.py --config-path <folder> --config-name best_config``), or for several objectives
   ``pareto.yaml`` and one config per Pareto-optimal trial; and the plots.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,6 +51,7 @@ PRUNERS = ("median", "hyperband", "none")
 HYDRA_KEYS = ("run", "sweep", "job")
 State = optuna.trial.TrialState
 # Optuna 4.9 renamed the retry callback (the old name is deprecated there and removed in 6).
+HEARTBEAT_ATTR = "mergelab:heartbeat"  # a journal-stored trial's last beat (seconds since the epoch)
 RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
 
 
@@ -56,8 +59,9 @@ RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", Non
 def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
                  max_retry: int | None = None) -> optuna.storages.BaseStorage:
     """The study's storage: ``journal:<file>`` is Optuna's JournalStorage on a (shared) file, anything else an SQL
-    URL (``sqlite:///<file>``, ``postgresql://...``, ``mysql+pymysql://...``). SQL storages get heartbeats and a
-    callback that enqueues a stale trial again, at most ``max_retry`` times."""
+    URL (``sqlite:///<file>``, ``postgresql://...``, ``mysql+pymysql://...``). SQL storages get Optuna's heartbeats
+    and a callback that enqueues a stale trial again, at most ``max_retry`` times (journal storages: see
+    :func:`heartbeats` and :func:`retry_stale_trials`)."""
     if not isinstance(url, str) or not url:
         raise UserError(f"hydra.sweeper.storage={url!r} must be sqlite:///<file>, a database URL or journal:<file>")
     if url.startswith(JOURNAL):
@@ -81,6 +85,34 @@ def open_storage(url: str, *, heartbeat_interval: int | None = None, grace_perio
         raise UserError(f"cannot open the study storage {url}: {exc}; check hydra.sweeper.storage") from exc
 
 
+def retry_stale_trials(study: optuna.Study, storage: optuna.storages.BaseStorage, interval: int | None,
+                      grace_period: int | None, max_retry: int | None) -> None:
+    """Mark the running trials of dead workers FAIL and enqueue them again (at most ``max_retry`` times).
+
+    SQL storages: Optuna's ``fail_stale_trials`` with the retry callback given to the storage. Journal storages:
+    the same rule on :data:`HEARTBEAT_ATTR` (a trial that has beaten and not for ``grace_period`` seconds, default
+    twice the interval; the clocks of the machines sharing the journal must agree to within the grace period).
+    """
+    if not interval:
+        return
+    if not isinstance(storage, optuna.storages.JournalStorage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        return
+    grace = grace_period or 2 * interval
+    retry = RetryCallback(max_retry=max_retry)
+    for trial in study.get_trials(deepcopy=False, states=(State.RUNNING,)):
+        last = trial.system_attrs.get(HEARTBEAT_ATTR)
+        if last is None or time.time() - last <= grace:
+            continue
+        try:
+            if storage.set_trial_state_values(trial._trial_id, state=State.FAIL):
+                retry(study, storage.get_trial(trial._trial_id))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # another worker failed it first
+
+
 def _stale_callback_keyword() -> str:
     import inspect
 
@@ -89,18 +121,25 @@ def _stale_callback_keyword() -> str:
 
 
 @contextmanager
-def heartbeats(storage: optuna.storages.BaseStorage, trial_ids: list[int]):
-    """Record the heartbeat of every trial in ``trial_ids`` while the block runs (when the storage has them)."""
-    interval = getattr(storage, "heartbeat_interval", None)
+def heartbeats(storage: optuna.storages.BaseStorage, trial_ids: list[int], interval: int | None):
+    """Record the heartbeat of every trial in ``trial_ids`` every ``interval`` seconds while the block runs.
+
+    SQL storages keep Optuna's own heartbeats. Optuna's JournalStorage has none, so there the beat is the time in a
+    system attribute of the trial (:data:`HEARTBEAT_ATTR`), read back by :func:`retry_stale_trials`.
+    """
     if not interval:
         yield
         return
+    journal = isinstance(storage, optuna.storages.JournalStorage)
     stop = threading.Event()
 
     def beat():
         while True:
             for trial_id in trial_ids:
-                storage.record_heartbeat(trial_id)
+                if journal:
+                    storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+                else:
+                    storage.record_heartbeat(trial_id)
             if stop.wait(interval):
                 return
 
@@ -228,8 +267,8 @@ def sweep(sweeper, arguments: list[str]) -> optuna.Study:
     if n_objectives != len(directions):
         raise UserError(f"objective={objective} names {n_objectives} metric(s) but hydra.sweeper.direction has "
                         f"{len(directions)}; give one direction per objective")
-    storage = open_storage(opts["storage"], heartbeat_interval=opts["heartbeat_interval"],
-                           grace_period=opts["grace_period"], max_retry=opts["max_retry"])
+    beats = opts["heartbeat_interval"], opts["grace_period"], opts["max_retry"]
+    storage = open_storage(opts["storage"], heartbeat_interval=beats[0], grace_period=beats[1], max_retry=beats[2])
     study_name = opts["study_name"]
     previous = trials_so_far(storage, study_name)
     sampler = make_sampler(opts["sampler"], previous)
@@ -247,10 +286,10 @@ def sweep(sweeper, arguments: list[str]) -> optuna.Study:
             # Study.optimize, whose loop this is (the heartbeats are recorded by `heartbeats` below).
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             warnings.filterwarnings("ignore", "Heartbeat of storage", UserWarning)
-            optuna.storages.fail_stale_trials(study)  # a dead worker's trials: FAIL, then enqueued again
+            retry_stale_trials(study, storage, *beats)  # a dead worker's trials: FAIL, then enqueued again
             batch = [study.ask(space) for _ in range(min(remaining, int(opts["n_jobs"])))]
         # Trial ids have no public accessor; the heartbeats and the job (to report to its trial) need them.
-        with heartbeats(storage, [trial._trial_id for trial in batch]):
+        with heartbeats(storage, [trial._trial_id for trial in batch], beats[0]):
             overrides = []
             for trial in batch:
                 for key, value in fixed.items():
