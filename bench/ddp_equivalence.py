@@ -56,7 +56,8 @@ def main() -> None:
     print("| max abs diff, weights | max abs diff, EMA 0.999 | val acc, 1 process | val acc, "
           f"{args.nproc} processes | wall 1 process (s) | wall {args.nproc} processes (s) |")
     print("|---|---|---|---|---|---|")
-    print(f"| {diffs['last']:.2e} | {diffs['ema0.999']:.2e} | {acc[0]:.2f} | {acc[1]:.2f} | {t_one:.1f} | {t_many:.1f} |")
+    print(f"| {diffs['last']:.2e} | {diffs['ema0.999']:.2e} | {acc[0]:.2f} | {acc[1]:.2f} | {t_one:.1f} "
+          f"| {t_many:.1f} |")
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ def test_two_processes_train_as_one(tmp_path):
     for name in ("last", "ema0.999"):  # the weights, and the EMA rank 0 tracked
         assert max_abs_diff(two / "checkpoints" / f"{name}.safetensors",
                             one / "checkpoints" / f"{name}.safetensors") < TOLERANCE
-    metrics = json.loads((two / "results.json").read_text())["metrics"]
-    assert metrics["raw/val_acc"] == pytest.approx(json.loads((one / "results.json").read_text())["metrics"]["raw/val_acc"])
+    two_metrics, one_metrics = (json.loads((f / "results.json").read_text())["metrics"] for f in (two, one))
+    assert two_metrics["raw/val_acc"] == pytest.approx(one_metrics["raw/val_acc"])
     # Rank 0 alone evaluated and wrote: one table, one results.json, one process's TensorBoard events.
     assert out.count("results: ") == 1
     assert len({p.name.split(".")[4] for p in two.glob("events.out.tfevents.*")}) == 1  # one writer pid

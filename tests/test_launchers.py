@@ -40,7 +40,8 @@ def test_multirun_through_launcher(tmp_path, launcher, lrs):
     if launcher == "joblib":
         assert launched["metrics"] == local["metrics"]
     else:
-        weights = [load_file(folder / "checkpoints" / "last.safetensors") for folder in (folders[-1], tmp_path / "inprocess")]
+        weights = [load_file(folder / "checkpoints" / "last.safetensors")
+                   for folder in (folders[-1], tmp_path / "inprocess")]
         assert max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[1]) < 1e-5
         logs = sorted((tmp_path / "sweep" / ".submitit").glob("*/*_1_log.out"))
         assert logs and "results: " not in logs[0].read_text()  # rank 1 wrote no results

@@ -195,8 +195,8 @@ def test_two_objective_zipit_study_on_a_journal_file_writes_its_pareto_front(zip
     assert (tmp_path / "zip_pareto" / "pareto_front.png").stat().st_size > 1000
     # A Pareto-optimal trial's config reruns it with zip.py and gives its two objective values.
     first = pareto.pareto[0]
-    hydra_main("zip", "--config-path", str(tmp_path / "zip_pareto"), "--config-name", first.config.removesuffix(".yaml"),
-               f"hydra.run.dir={tmp_path}/rerun")
+    hydra_main("zip", "--config-path", str(tmp_path / "zip_pareto"),
+               "--config-name", first.config.removesuffix(".yaml"), f"hydra.run.dir={tmp_path}/rerun")
     rerun = json.loads((tmp_path / "rerun" / "results.json").read_text())["metrics"]
     assert [rerun["zipit+repair/val_joint_acc"], rerun["zipit+repair/macs"]] == list(first["values"])
 

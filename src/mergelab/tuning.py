@@ -52,7 +52,8 @@ HYDRA_KEYS = ("run", "sweep", "job")
 State = optuna.trial.TrialState
 # Optuna 4.9 renamed the retry callback (the old name is deprecated there and removed in 6).
 HEARTBEAT_ATTR = "mergelab:heartbeat"  # a journal-stored trial's last beat (seconds since the epoch)
-RetryCallback = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None) or optuna.storages.RetryFailedTrialCallback
+RetryCallback = (getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+                 or optuna.storages.RetryFailedTrialCallback)
 
 
 # ------------------------------------------------------------------------------------------------------ storage
@@ -274,9 +275,10 @@ def sweep(sweeper, arguments: list[str]) -> optuna.Study:
     sampler = make_sampler(opts["sampler"], previous)
     study = optuna.create_study(study_name=study_name, storage=storage, sampler=sampler, directions=directions,
                                 pruner=make_pruner(opts["pruner"], opts["pruner_options"]), load_if_exists=True)
-    if [d.name.lower() for d in study.directions] != directions:
-        raise UserError(f"study {study_name!r} in {opts['storage']} optimises {[d.name.lower() for d in study.directions]}, "
-                        f"not {directions}; choose another hydra.sweeper.study_name")
+    existing = [d.name.lower() for d in study.directions]
+    if existing != directions:
+        raise UserError(f"study {study_name!r} in {opts['storage']} optimises {existing}, not {directions}; "
+                        "choose another hydra.sweeper.study_name")
     log.info(f"study {study_name!r} ({opts['storage']}): {previous} trials so far, sampler "
              f"{type(sampler).__name__}, pruner {opts['pruner']}, {len(directions)} objective(s)")
     job_idx, remaining = 0, int(opts["n_trials"])
@@ -294,8 +296,8 @@ def sweep(sweeper, arguments: list[str]) -> optuna.Study:
             for trial in batch:
                 for key, value in fixed.items():
                     trial.set_user_attr(key, value)
-                values = {**trial.params, **fixed}
-                overrides.append([f"{k}={v}" for k, v in values.items()] + [f"hydra.sweeper.trial_id={trial._trial_id}"])
+                values = {**trial.params, **fixed, "hydra.sweeper.trial_id": trial._trial_id}
+                overrides.append([f"{k}={v}" for k, v in values.items()])
             returns = sweeper.launcher.launch(overrides, initial_job_idx=job_idx)
         job_idx += len(returns)
         for trial, ret in zip(batch, returns):
