@@ -9,17 +9,19 @@ objective returned to a sweeper, and turning bad input into a one-line error.
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from mergelab import distributed
 from mergelab.checkpoints import write_json
 from mergelab.errors import UserError
 from mergelab.reporting import RunLogger, format_table
@@ -55,11 +57,13 @@ class Context:
     run_dir: Path
     device: torch.device
     logger: RunLogger | None = None
+    on_epoch_end: Callable | None = None  # passed to Trainer.fit: reports to an Optuna trial (mergelab.tuning)
     _data: dict = field(default_factory=dict)
 
-    def open_logger(self, purge_step: int | None = None) -> RunLogger:
-        """TensorBoard events in the run folder (``purge_step`` drops an interrupted run's later events)."""
-        if self.logger is None:
+    def open_logger(self, purge_step: int | None = None) -> RunLogger | None:
+        """TensorBoard events in the run folder (``purge_step`` drops an interrupted run's later events); None on
+        ranks other than 0 of a torchrun job."""
+        if self.logger is None and distributed.is_main():
             self.logger = RunLogger(self.run_dir, purge_step=purge_step)
         return self.logger
 
@@ -109,8 +113,9 @@ def resume_dir(cfg: DictConfig) -> Path | None:
     return folder
 
 
-def run(cfg: DictConfig) -> float | None:
-    """Run ``cfg.task``; return the metric named by ``cfg.objective`` (for sweepers), or None.
+def run(cfg: DictConfig) -> float | list[float] | None:
+    """Run ``cfg.task``; return the metric named by ``cfg.objective`` (for sweepers; a list of metrics gives a list
+    of values), or None.
 
     A :class:`UserError` ends a single run with ``error: <message>`` and exit status 2. In a multirun it is
     re-raised so that the launcher or sweeper records that job as failed and goes on with the others.
@@ -120,35 +125,61 @@ def run(cfg: DictConfig) -> float | None:
     except UserError as exc:
         if is_multirun():
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if distributed.is_main():  # every rank of a torchrun job meets the same bad input: one line, from rank 0
+            print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except Exception as exc:
+        if not distributed.lost(exc):
+            raise
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # torchrun's next SIGTERM must not interrupt the line below
+        cause = str(exc).strip().splitlines()[0][:200]
+        print(f"error: rank {distributed.rank()} stopped: another rank of this job died ({cause}); the checkpoints "
+              "written so far are intact: rerun the command with resume=<run folder> to continue", file=sys.stderr)
+        sys.exit(1)
 
 
-def _run(cfg: DictConfig) -> float | None:
+def _run(cfg: DictConfig) -> float | list[float] | None:
     start = time.perf_counter()
     run_dir = resume_dir(cfg) or (Path(cfg.out_dir) if cfg.get("out_dir") else hydra_output_dir())
     if run_dir is None:
         raise UserError("no run folder: call through a Hydra entry script or set out_dir=<folder>")
-    device = resolve_device(cfg.device)
+    device = distributed.setup(resolve_device(cfg.device))  # under torchrun: this rank's device
+    own_folder = hydra_output_dir()
+    # Rank 0's run folder on every rank, whatever second each rank's Hydra named its own by.
+    run_dir, main_folder = distributed.agree((run_dir, own_folder))
+    if own_folder is not None and own_folder != main_folder:
+        distributed.discard_folder(own_folder)
     torch.manual_seed(int(cfg.seed))
     try:
         task = importlib.import_module(f"mergelab.tasks.{cfg.task}")
     except ModuleNotFoundError:
         raise UserError(f"unknown task {cfg.task!r}; see src/mergelab/tasks/ for the tasks") from None
     ctx = Context(cfg=cfg, run_dir=run_dir, device=device)
+    if is_multirun():
+        from mergelab.tuning import trial_reporter
+
+        ctx.on_epoch_end = trial_reporter(cfg)
     results = task.run(ctx)
     if ctx.logger:
         ctx.logger.close()
+    if not distributed.is_main():
+        return None  # results.json, the table and the objective are rank 0's
     results["time_s"] = time.perf_counter() - start
     results["config"] = OmegaConf.to_container(cfg, resolve=True)
     write_json(ctx.run_dir / "results.json", results)
     if results.get("table"):
         print(format_table(results["table"]))
     print(f"results: {ctx.run_dir / 'results.json'}")
-    objective = cfg.get("objective")
-    if objective:
-        metrics = results.get("metrics", {})
-        if objective not in metrics:
-            raise UserError(f"objective {objective!r} is not a metric of this run; choose one of {sorted(metrics)}")
-        return float(metrics[objective])
-    return None
+    return objective_values(cfg.get("objective"), results.get("metrics", {}))
+
+
+def objective_values(objective: str | list[str] | None, metrics: dict) -> float | list[float] | None:
+    """The metric ``objective`` names (a float), or every metric of a list (a list), or None without objective."""
+    if not objective:
+        return None
+    names = [objective] if isinstance(objective, str) else list(objective)
+    for name in names:
+        if name not in metrics:
+            raise UserError(f"objective {name!r} is not a metric of this run; choose one of {sorted(metrics)}")
+    values = [float(metrics[name]) for name in names]
+    return values[0] if isinstance(objective, str) else values

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
+from mergelab import distributed
 from mergelab.checkpoints import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
 from mergelab.ema import EMA, sigma_rel_label
 from mergelab.errors import UserError
@@ -107,6 +108,9 @@ class Trainer:
     power-function EMAs are also saved every ``ema.posthoc.every`` steps and at the last step into ``posthoc/``.
     ``meta`` is stored in every checkpoint (the runner puts the model config and data shape there so later scripts
     can rebuild the model).
+
+    Under torchrun (:mod:`mergelab.distributed`) every rank steps on its shard of each global batch through
+    DistributedDataParallel; the EMA, evaluation, checkpoints and logs are rank 0's.
     """
 
     def __init__(self, model: nn.Module, data, cfg: DictConfig, ckpt_dir: str | Path, logger: RunLogger | None,
@@ -116,6 +120,8 @@ class Trainer:
         self.ckpt_dir = Path(ckpt_dir)
         self.logger, self.meta, self.prefix = logger, dict(meta or {}), prefix
         self.device = next(model.parameters()).device
+        distributed.check_batch_size(int(self.tcfg.batch_size))
+        self.main = distributed.is_main()
         self.steps_per_epoch = len(data.train)
         self.total_steps = self.tcfg.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(cfg.optimizer, model)
@@ -124,8 +130,10 @@ class Trainer:
         ema_cfg = cfg.get("ema") or {}
         tail_start = tail_start_step(ema_cfg.get("tail"), self.total_steps)
         sigma_rels, self.snapshot_every = posthoc_settings(cfg, self.total_steps)
+        if not self.main:
+            self.snapshot_every = None  # rank 0 tracks the EMAs and writes their snapshots
         self.ema = None
-        if decays or sigma_rels or tail_start is not None:
+        if self.main and (decays or sigma_rels or tail_start is not None):
             try:
                 self.ema = EMA(model, decays, warmup=ema_cfg.get("warmup", False), tail_start=tail_start,
                                buffers=ema_cfg.get("buffers", "average"), every=ema_cfg.get("every", 1),
@@ -134,6 +142,9 @@ class Trainer:
                 raise UserError(f"{exc}; fix the ema.* settings") from None
         self.recompute_bn = bool(ema_cfg.get("recompute_bn", False)) and has_batchnorm(model)
         self._eval_model = copy.deepcopy(model) if self.ema else None
+        # What steps: a DDP wrapper across ranks (after the copy above: SyncBatchNorm must stay out of rank 0's
+        # evaluation, where a training-mode pass for recompute_bn would wait for the other ranks).
+        self.net = distributed.wrap(model, bool(self.tcfg.get("sync_bn", False)))
         self.progress = bool(cfg.get("progress", True))
         self.epoch, self.step = 0, 0
         self.best_val = -math.inf
@@ -147,6 +158,8 @@ class Trainer:
         for epoch in range(self.epoch, self.tcfg.epochs):
             self.train_epoch(epoch)
             self.epoch = epoch + 1
+            if not self.main:
+                continue  # rank 0 evaluates and writes; the others go on to the next epoch's first step
             record = {"epoch": self.epoch, "step": self.step, **self.evaluate_all()}
             self.history.append(record)
             self._log({k: v for k, v in record.items() if "/" in k})
@@ -170,7 +183,8 @@ class Trainer:
         bar = tqdm(self.data.train, desc=f"{self.prefix}epoch {epoch + 1}/{self.tcfg.epochs}", leave=False,
                    disable=not self.progress, mininterval=0.5)
         for x, y in bar:
-            loss = train_step(self.model, x, y, self.optimizer, self.scheduler,
+            x, y = distributed.shard(x, y)
+            loss = train_step(self.net, x, y, self.optimizer, self.scheduler,
                               label_smoothing=label_smoothing, grad_clip=grad_clip, autocast=self.autocast)
             if self.ema:
                 self.ema.update()

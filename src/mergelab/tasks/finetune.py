@@ -54,7 +54,7 @@ def run(ctx: Context) -> dict:
             "init": str(start["path"]) if start.get("path") else None, "head": start["head"]}
     trainer = Trainer(model, data, tuned, ctx.run_dir / "checkpoints", logger=ctx.open_logger(), meta=meta,
                       prefix=f"[{cfg.index}] ")
-    results = summarize(trainer, trainer.fit())
+    results = summarize(trainer, trainer.fit(on_epoch_end=ctx.on_epoch_end))
     return {**results, "task": "finetune", "index": int(cfg.index), "hparams": hparams, "start": start}
 
 

@@ -21,7 +21,7 @@ def run(ctx: Context) -> dict:
         trainer.load_state(state)
         print(f"resumed {ctx.run_dir} at epoch {trainer.epoch}/{cfg.train.epochs}")
     trainer.logger = ctx.open_logger(purge_step=trainer.step or None)
-    out = trainer.fit()
+    out = trainer.fit(on_epoch_end=ctx.on_epoch_end)
     return summarize(trainer, out)
 
 
