@@ -4,7 +4,7 @@ Post-hoc EMA from a finished run's snapshots, without training: python ema.py po
 
 import hydra
 
-from mergelab.runner import run
+from mergelab.runner import entry, run
 
 
 @hydra.main(config_path="conf", config_name="ema", version_base="1.3")
@@ -13,4 +13,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

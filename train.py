@@ -2,7 +2,7 @@
 
 import hydra
 
-from mergelab.runner import run
+from mergelab.runner import entry, run
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
@@ -11,4 +11,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    main()
+    entry(main)

@@ -37,8 +37,9 @@ def load_runs(setting: Path) -> list[dict]:
 
 
 def short_name(method: str) -> str:
-    """``model 0 (0_ema.decays=[],...,seed=0,...)`` (a multirun folder name) -> ``model 0 (seed 0)``."""
-    seed = re.search(r"\bseed=(\d+)", method)
+    """``model 0 (0_ema.decays-+model-mlpnet+seed-0+...)`` (a multirun folder name; ``seed=0`` in folders written
+    before conf/common.yaml's separators changed) -> ``model 0 (seed 0)``."""
+    seed = re.search(r"\bseed[=-](\d+)", method)
     return re.sub(r"\(.*\)", f"(seed {seed.group(1)})", method) if method.startswith("model ") and seed else method
 
 

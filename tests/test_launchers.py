@@ -29,7 +29,7 @@ def test_multirun_through_launcher(tmp_path, launcher, lrs):
     hydra_main("ema", "--multirun", f"hydra/launcher={launcher}", *extra, *JOB, f"optimizer.lr={lrs}",
                f"hydra.sweep.dir={tmp_path}/sweep")
     folders = job_folders(tmp_path / "sweep")
-    assert [f.name for f in folders] == [f"{i}_+debug=default,model=mlpnet,optimizer.lr={lr}"
+    assert [f.name for f in folders] == [f"{i}_+debug-default+model-mlpnet+optimizer.lr-{lr}"
                                          for i, lr in enumerate(lrs.split(","))]
     # A job launched elsewhere computes what the same run computes in this process: exactly in one process,
     # within float summation order across two.

@@ -19,12 +19,11 @@ import torch.nn.functional as F
 import torchvision
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets.folder import default_loader
 
+from mergelab.config import instantiate
 from mergelab.errors import UserError
 
 # Seeds the splits that every run and script must share whatever its own seed: digits' test split and the
@@ -579,13 +578,7 @@ def _load_source(options: DictConfig) -> Source:
                 f"unknown dataset {options.name!r}; use one of {sorted(SOURCES)} or set dataset.source._target_"
             )
         source = {"_target_": SOURCES[options.name]}
-    try:
-        loaded = instantiate(source, root=str(options.root), download=options.download)
-    except InstantiationException as err:
-        # Hydra wraps whatever the loader raises; a missing folder is the user's to fix, so unwrap it.
-        if isinstance(err.__cause__, UserError):
-            raise err.__cause__ from None
-        raise
+    loaded = instantiate(source, key="dataset.source", root=str(options.root), download=options.download)
     if isinstance(loaded.train.images, list) and options.image_size is None:
         raise UserError(f"{options.name} holds images of any size; set dataset.image_size (e.g. 224)")
     return loaded

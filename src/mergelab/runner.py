@@ -1,26 +1,31 @@
 """The one entry point every script calls: compose -> build -> run a task -> evaluate -> log.
 
-An entry script is ``@hydra.main(...) def main(cfg): return run(cfg)``. The root config names its task
-(``task: train``), implemented by ``mergelab.tasks.<task>.run(ctx)``, which returns a results dict; the runner owns
-everything around it: device, seeding, the run folder, TensorBoard, ``results.json``, the printed table, the
+An entry script is ``@hydra.main(...) def main(cfg): return run(cfg)``, called as ``entry(main)``. The root config
+names its task
+(``task: train``), implemented by ``mergelab.tasks.<task>.run(ctx)``, which returns a results dict; the runner
+owns everything around it: device, seeding, the run folder, TensorBoard, ``results.json``, the printed table, the
 objective returned to a sweeper, and turning bad input into a one-line error.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
+import mergelab.config  # noqa: F401  (registers the mergelab.dirname resolver of multirun folder names)
 from mergelab import distributed
 from mergelab.checkpoints import write_json
 from mergelab.errors import UserError
@@ -121,13 +126,14 @@ def run(cfg: DictConfig) -> float | list[float] | None:
     re-raised so that the launcher or sweeper records that job as failed and goes on with the others.
     """
     try:
-        return _run(cfg)
+        try:
+            return _run(cfg)
+        except MissingMandatoryValue as exc:
+            raise UserError(f"{exc.full_key} is required (??? in the config); pass {exc.full_key}=...") from None
     except UserError as exc:
         if is_multirun():
             raise
-        if distributed.is_main():  # every rank of a torchrun job meets the same bad input: one line, from rank 0
-            print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        fail(exc, quiet=not distributed.is_main())  # every rank of a torchrun job meets it: one line, from rank 0
     except Exception as exc:
         if not distributed.lost(exc):
             raise
@@ -136,6 +142,46 @@ def run(cfg: DictConfig) -> float | list[float] | None:
         print(f"error: rank {distributed.rank()} stopped: another rank of this job died ({cause}); the checkpoints "
               "written so far are intact: rerun the command with resume=<run folder> to continue", file=sys.stderr)
         sys.exit(1)
+
+
+def fail(message: Any, quiet: bool = False) -> NoReturn:
+    """The end of a run on bad input: ``error: <message>`` as one line on stderr (unless ``quiet``), exit status 2."""
+    if not quiet:
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def entry(hydra_main: Callable[[], Any]) -> None:
+    """Call an entry script's ``@hydra.main`` function (its ``__main__`` block: ``entry(main)``).
+
+    A command line Hydra cannot compose (an unknown config group option such as ``model=nope``, a key that does not
+    exist, an override it cannot parse) and a failed multirun job's :class:`UserError` end like any bad input: one
+    line, exit status 2. Hydra would print them over several lines and exit with 1; with ``HYDRA_FULL_ERROR=1`` it
+    raises them instead, so they can be caught here. Anything else is a bug and keeps its full traceback.
+    """
+    before = os.environ.get("HYDRA_FULL_ERROR")
+    os.environ["HYDRA_FULL_ERROR"] = before or "1"  # launched jobs inherit it: their errors reach the sweep intact
+    try:
+        hydra_main()
+    except UserError as exc:
+        fail(exc)
+    except OverrideParseException as exc:
+        fail(f"cannot parse the command line: {exc}")
+    except ConfigCompositionException as exc:
+        fail(composition_error(exc))
+    finally:
+        if before is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+
+
+def composition_error(exc: ConfigCompositionException) -> str:
+    """Hydra's composition error on one line: its message, the first line of its cause, a group's options."""
+    lines = [line.strip().rstrip(".") for line in str(exc).split("Config search path:")[0].splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("Available options"):  # then one option per line
+            return "; ".join(lines[:i]) + f"; choose one of: {', '.join(lines[i + 1:])}"
+    cause = str(exc.__cause__ or "").strip().splitlines()
+    return "; ".join(lines) + (f" ({cause[0]})" if cause else "")
 
 
 def _run(cfg: DictConfig) -> float | list[float] | None:

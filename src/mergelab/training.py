@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
@@ -24,6 +23,7 @@ from mergelab import distributed
 from mergelab.checkpoints import flatten_state, load_checkpoint, save_checkpoint, unflatten_state
 from mergelab.ema import EMA, sigma_rel_label
 from mergelab.errors import UserError
+from mergelab.config import check_training, instantiate
 from mergelab.evaluation import evaluate, has_batchnorm, recompute_bn
 from mergelab.merging.posthoc import SIGMA_REL_MAX
 from mergelab.metrics import metric_key
@@ -41,11 +41,13 @@ class TrainingDiverged(UserError):
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     """``cfg`` is a partial optimizer config (``_target_: torch.optim.SGD``, ``_partial_: true``, ...)."""
-    return instantiate(cfg)(model.parameters())
+    # Called here rather than as a partial, so that a bad option fails inside instantiate (one line, exit 2).
+    return instantiate(cfg, list(model.parameters()), key="optimizer", _partial_=False)
 
 
 def build_scheduler(cfg: DictConfig, optimizer, total_steps: int, steps_per_epoch: int):
-    return instantiate(cfg, optimizer=optimizer, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    return instantiate(cfg, key="scheduler", optimizer=optimizer, total_steps=total_steps,
+                       steps_per_epoch=steps_per_epoch)
 
 
 def ema_decays(cfg: DictConfig) -> list[float]:
@@ -115,6 +117,7 @@ class Trainer:
 
     def __init__(self, model: nn.Module, data, cfg: DictConfig, ckpt_dir: str | Path, logger: RunLogger | None,
                  meta: dict | None = None, prefix: str = ""):
+        check_training(cfg)
         self.model, self.data, self.cfg = model, data, cfg
         self.tcfg = cfg.train
         self.ckpt_dir = Path(ckpt_dir)

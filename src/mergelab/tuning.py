@@ -37,10 +37,10 @@ import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobStatus
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
-from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from mergelab.checkpoints import write_json
+from mergelab.config import instantiate
 from mergelab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -336,8 +336,8 @@ def make_sampler(sampler_cfg: Any, previous_trials: int) -> optuna.samplers.Base
     if previous_trials and seed is not None:
         seed = joined_seed(int(seed), previous_trials)
         log.info(f"continuing a study of {previous_trials} trials with sampler seed {seed}")
-        return instantiate(sampler_cfg, seed=seed)
-    return instantiate(sampler_cfg)
+        return instantiate(sampler_cfg, key="hydra.sweeper.sampler", seed=seed)
+    return instantiate(sampler_cfg, key="hydra.sweeper.sampler")
 
 
 def trials_so_far(storage: optuna.storages.BaseStorage, study_name: str) -> int:

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-import hydra.utils
-from hydra.errors import InstantiationException
 from torch import nn
 
+from mergelab.config import instantiate
 from mergelab.errors import UserError
 from mergelab.models.base import ALIGNABLE, ImageClassifier
 from mergelab.models.graph import (Layer, UnitGraph, apply_permutation, check_compatible, check_graph,
@@ -29,25 +28,15 @@ __all__ = ["ALIGNABLE", "ImageClassifier", "Layer", "MLPNet", "ResNet", "TimmMod
 
 
 def build_model(model_cfg: Mapping[str, Any], num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-    """``hydra.utils.instantiate(model_cfg, num_classes=..., in_channels=..., image_size=...)``.
+    """:func:`mergelab.config.instantiate` of ``model_cfg`` with ``num_classes``, ``in_channels``, ``image_size``.
 
     Initial weights come from the caller's torch seed. Bad options and model errors become one-line
     :class:`UserError`s.
     """
     if "_target_" not in model_cfg:
         raise UserError("the model config has no _target_; pick one with model=<name> (conf/model/*.yaml)")
-    try:
-        return hydra.utils.instantiate(model_cfg, num_classes=num_classes, in_channels=in_channels,
-                                       image_size=image_size)
-    except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, UserError):
-            raise cause from None
-        if isinstance(cause, TypeError) and "unexpected keyword argument" in str(cause):
-            raise UserError(f"model config of {model_cfg['_target_']}: {cause}") from error
-        if isinstance(cause, ImportError):
-            raise UserError(f"model config: cannot find _target_ {model_cfg['_target_']}") from error
-        raise
+    return instantiate(model_cfg, key="model", num_classes=num_classes, in_channels=in_channels,
+                       image_size=image_size)
 
 
 def unit_graph(model: nn.Module) -> UnitGraph:

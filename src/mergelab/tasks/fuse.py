@@ -18,6 +18,7 @@ from torch import nn
 from mergelab.barrier import interpolation_curve
 from mergelab.checkpoints import save_checkpoint
 from mergelab.config import corrections as parse_corrections
+from mergelab.config import number, whole
 from mergelab.errors import UserError
 from mergelab.evaluation import evaluate, has_batchnorm, metrics_from_logits, predict, recompute_bn
 from mergelab.merging import engine
@@ -37,6 +38,9 @@ SPLITS = ("val", "test")
 
 def run(ctx: Context) -> dict:
     cfg = ctx.cfg
+    whole(cfg.retrain.epochs, "retrain.epochs", 0, "0 = no retraining")
+    whole(cfg.prune.retrain_epochs, "prune.retrain_epochs", 0, "0 = no retraining")
+    number(cfg.prune.fraction, "prune.fraction", lambda v: 0 <= v < 1, "in [0, 1), the fraction of weights pruned")
     paths = resolve_checkpoints(cfg.models, which=cfg.checkpoint)
     if len(paths) < 2:
         raise UserError(f"fusion needs at least 2 models, models={cfg.models} matches {len(paths)}; "
