@@ -26,7 +26,7 @@ from mergelab.errors import UserError
 from mergelab.config import check_training, instantiate
 from mergelab.evaluation import evaluate, has_batchnorm, recompute_bn
 from mergelab.merging.posthoc import SIGMA_REL_MAX
-from mergelab.metrics import metric_key
+from mergelab.metrics import is_metric_key, metric_key
 from mergelab.reporting import RunLogger
 
 STATE_FILE = "state.safetensors"
@@ -165,7 +165,7 @@ class Trainer:
                 continue  # rank 0 evaluates and writes; the others go on to the next epoch's first step
             record = {"epoch": self.epoch, "step": self.step, **self.evaluate_all()}
             self.history.append(record)
-            self._log({k: v for k, v in record.items() if "/" in k})
+            self._log({k: v for k, v in record.items() if is_metric_key(k)})
             self._save_epoch(record)
             if on_epoch_end:
                 on_epoch_end(self)
