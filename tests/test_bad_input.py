@@ -153,6 +153,7 @@ def test_command_line_errors_are_one_line_with_exit_2(sweep, cli, tmp_path):
     one_line_exit_2(cli("fuse", "models=[a=b]", out), "cannot parse the command line")
     one_line_exit_2(cli("fuse", out), "models is required")
     one_line_exit_2(cli("train", "+optimizer.bogus=1", out), "optimizer.bogus is not an option of torch.optim.SGD")
+    one_line_exit_2(cli("train", "+scheduler.bogus=1", out), "scheduler.bogus is not an option of mergelab.schedules")
     # A UserError of a multirun job ends the sweep the same way, after Hydra's line naming the failed job.
     code, err = cli("train", "--multirun", "train.epochs=-1", f"hydra.sweep.dir={tmp_path}/sweep")
     assert code == 2 and err.splitlines() == ["Error executing job with overrides: ['train.epochs=-1']",

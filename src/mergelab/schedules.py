@@ -4,7 +4,8 @@ Every schedule is a ``torch.optim.lr_scheduler.LambdaLR`` whose factor multiplie
 rate. They are built from config as ``instantiate(cfg.scheduler, optimizer=..., total_steps=..., steps_per_epoch=...)``.
 ``warmup`` is a fraction of all steps when below 1, else a number of steps; the factor rises linearly from
 ``1 / (warmup_steps + 1)`` to 1 over it, then follows the schedule's body, whose progress is measured from the
-first step after warm-up.
+first step after warm-up. Every schedule takes ``steps_per_epoch`` (only ``step_effnet`` needs it) and nothing else,
+so a misspelt option is refused rather than ignored.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ def with_warmup(optimizer: Optimizer, total_steps: int, warmup: float, body: Cal
     return LambdaLR(optimizer, factor)
 
 
-def constant(optimizer: Optimizer, total_steps: int, warmup: float = 0.0, **_) -> LambdaLR:
+def constant(optimizer: Optimizer, total_steps: int, warmup: float = 0.0, steps_per_epoch: int = 0) -> LambdaLR:
     return with_warmup(optimizer, total_steps, warmup, lambda s, n: 1.0)
 
 
-def cosine(optimizer: Optimizer, total_steps: int, warmup: float = 0.0, min_factor: float = 0.0, **_) -> LambdaLR:
+def cosine(optimizer: Optimizer, total_steps: int, warmup: float = 0.0, min_factor: float = 0.0,
+           steps_per_epoch: int = 0) -> LambdaLR:
     """Cosine decay from the base rate to ``min_factor`` times it (Loshchilov & Hutter, 2017, no restarts)."""
     return with_warmup(
         optimizer, total_steps, warmup,
@@ -45,14 +47,15 @@ def cosine(optimizer: Optimizer, total_steps: int, warmup: float = 0.0, min_fact
     )
 
 
-def linear(optimizer: Optimizer, total_steps: int, warmup: float = 0.0, min_factor: float = 0.0, **_) -> LambdaLR:
+def linear(optimizer: Optimizer, total_steps: int, warmup: float = 0.0, min_factor: float = 0.0,
+           steps_per_epoch: int = 0) -> LambdaLR:
     """Linear decay from the base rate to ``min_factor`` times it."""
     return with_warmup(optimizer, total_steps, warmup, lambda s, n: 1 - (1 - min_factor) * s / n)
 
 
 def multistep_he(
     optimizer: Optimizer, total_steps: int, warmup: float = 0.0,
-    milestones: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1, **_,
+    milestones: tuple[float, ...] = (0.5, 0.75), gamma: float = 0.1, steps_per_epoch: int = 0,
 ) -> LambdaLR:
     """Divide by 10 at 50% and 75% of training (He et al., 2016, CIFAR ResNets)."""
     return with_warmup(
@@ -63,7 +66,7 @@ def multistep_he(
 
 def step_effnet(
     optimizer: Optimizer, total_steps: int, steps_per_epoch: int, warmup: float = 0.0,
-    gamma: float = 0.97, every_epochs: float = 2.0, **_,
+    gamma: float = 0.97, every_epochs: float = 2.0,
 ) -> LambdaLR:
     """Multiply by 0.97 every 2 epochs (Tan & Le, 2019, EfficientNet)."""
     period = max(int(round(every_epochs * steps_per_epoch)), 1)
