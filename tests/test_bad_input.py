@@ -46,6 +46,8 @@ def one_line_exit_2(result: tuple[int, str], match: str) -> None:
 
 # ------------------------------------------------------------------------------------------- training settings
 @pytest.mark.parametrize("override, message", [
+    ("seed=abc", "seed=abc must be a whole number"),
+    ("train.batch_size=abc", "train.batch_size=abc must be a whole number >= 1"),
     ("train.epochs=-1", "train.epochs=-1 must be a whole number >= 1"),
     ("train.epochs=0", "train.epochs=0 must be a whole number >= 1"),
     ("train.epochs=1.5", "train.epochs=1.5 must be a whole number"),

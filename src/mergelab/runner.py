@@ -25,9 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 from torch import nn
 
-import mergelab.config  # noqa: F401  (registers the mergelab.dirname resolver of multirun folder names)
 from mergelab import distributed
 from mergelab.checkpoints import write_json
+from mergelab.config import whole  # importing config also registers the mergelab.dirname resolver
 from mergelab.errors import UserError
 from mergelab.reporting import RunLogger, format_table
 from mergelab.training import STATE_FILE
@@ -84,6 +84,8 @@ class Context:
         key = OmegaConf.to_yaml(dataset_cfg)
         if key not in self._data:
             train = self.cfg.train
+            whole(train.batch_size, "train.batch_size", 1, "e.g. train.batch_size=64")
+            whole(train.eval_batch_size, "train.eval_batch_size", 1, "e.g. train.eval_batch_size=1024")
             self._data[key] = build_data(dataset_cfg, batch_size=train.batch_size,
                                          eval_batch_size=train.eval_batch_size, seed=self.seed, device=self.device)
         return self._data[key]
@@ -195,7 +197,9 @@ def _run(cfg: DictConfig) -> float | list[float] | None:
     run_dir, main_folder = distributed.agree((run_dir, own_folder))
     if own_folder is not None and own_folder != main_folder:
         distributed.discard_folder(own_folder)
-    torch.manual_seed(int(cfg.seed))
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise UserError(f"seed={cfg.seed} must be a whole number, e.g. seed=0")
+    torch.manual_seed(cfg.seed)
     try:
         task = importlib.import_module(f"mergelab.tasks.{cfg.task}")
     except ModuleNotFoundError:
