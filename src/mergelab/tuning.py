@@ -42,6 +42,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from mergelab.checkpoints import write_json
 from mergelab.config import instantiate
 from mergelab.errors import UserError
+from mergelab.metrics import metric_key
 
 log = logging.getLogger(__name__)
 SQLITE = "sqlite:///"
@@ -211,7 +212,7 @@ def epoch_values(trainer) -> dict[str, float]:
     from mergelab.tasks.ema import best_ema
 
     record = trainer.history[-1] if trainer.history else {}
-    return {**record, "best/val_acc": trainer.best_val, **best_ema(record)}
+    return {**record, metric_key("best", "val", "acc"): trainer.best_val, **best_ema(record)}
 
 
 def trial_reporter(cfg: DictConfig) -> Callable | None:
