@@ -158,5 +158,6 @@ def test_command_line_errors_are_one_line_with_exit_2(sweep, cli, tmp_path):
     one_line_exit_2(cli("train", "+scheduler.bogus=1", out), "scheduler.bogus is not an option of mergelab.schedules")
     # A UserError of a multirun job ends the sweep the same way, after Hydra's line naming the failed job.
     code, err = cli("train", "--multirun", "train.epochs=-1", f"hydra.sweep.dir={tmp_path}/sweep")
-    assert code == 2 and err.splitlines() == ["Error executing job with overrides: ['train.epochs=-1']",
-                                              "error: train.epochs=-1 must be a whole number >= 1; e.g. train.epochs=10"]
+    assert code == 2 and err.splitlines() == [
+        "Error executing job with overrides: ['train.epochs=-1']",
+        "error: train.epochs=-1 must be a whole number >= 1; e.g. train.epochs=10"]

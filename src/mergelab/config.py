@@ -77,8 +77,8 @@ _DIRNAME_DROP = re.compile(r"[\[\](){}'\"]")
 
 
 def safe_dirname(text: str) -> str:
-    """``ema.decays-[0.9,0.99]+seed-1`` -> ``ema.decays-0.9_0.99+seed-1``: brackets and quotes dropped, every other
-    character outside letters, digits and ``_ . + @ % -`` (a comma in a list value, a space, ``/``, ``=``...) -> ``_``."""
+    """``ema.decays-[0.9,0.99]+seed-1`` -> ``ema.decays-0.9_0.99+seed-1``: brackets and quotes dropped, every
+    other character outside letters, digits and ``_ . + @ % -`` (a list's comma, a space, ``/``, ``=``...) -> ``_``."""
     return _DIRNAME_KEEP.sub("_", _DIRNAME_DROP.sub("", str(text)))
 
 
