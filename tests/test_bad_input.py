@@ -49,6 +49,7 @@ def one_line_exit_2(result: tuple[int, str], match: str) -> None:
     ("seed=abc", "seed=abc must be a whole number"),
     ("train.batch_size=abc", "train.batch_size=abc must be a whole number >= 1"),
     ("train.epochs=-1", "train.epochs=-1 must be a whole number >= 1"),
+    ("model.hidden=[8,0]", "MLPNet gives fc2.weight no units"),
     ("train.epochs=0", "train.epochs=0 must be a whole number >= 1"),
     ("train.epochs=1.5", "train.epochs=1.5 must be a whole number"),
     ("train.log_every=0", "train.log_every=0 must be a whole number >= 1"),

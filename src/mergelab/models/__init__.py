@@ -30,13 +30,18 @@ __all__ = ["ALIGNABLE", "ImageClassifier", "Layer", "MLPNet", "ResNet", "TimmMod
 def build_model(model_cfg: Mapping[str, Any], num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """:func:`mergelab.config.instantiate` of ``model_cfg`` with ``num_classes``, ``in_channels``, ``image_size``.
 
-    Initial weights come from the caller's torch seed. Bad options and model errors become one-line
-    :class:`UserError`s.
+    Initial weights come from the caller's torch seed. Bad options, model errors and a model with an empty layer
+    (a width of 0, which trains at chance without any error) become one-line :class:`UserError`s.
     """
     if "_target_" not in model_cfg:
         raise UserError("the model config has no _target_; pick one with model=<name> (conf/model/*.yaml)")
-    return instantiate(model_cfg, key="model", num_classes=num_classes, in_channels=in_channels,
-                       image_size=image_size)
+    model = instantiate(model_cfg, key="model", num_classes=num_classes, in_channels=in_channels,
+                        image_size=image_size)
+    empty = next((name for name, p in model.named_parameters() if p.numel() == 0), None)
+    if empty is not None:
+        raise UserError(f"model config of {model_cfg['_target_']} gives {empty} no units; check its widths "
+                        "(model.width, model.hidden...): every layer needs at least one")
+    return model
 
 
 def unit_graph(model: nn.Module) -> UnitGraph:
