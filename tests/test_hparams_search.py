@@ -53,7 +53,7 @@ def test_search_space_objectives_are_metrics_of_its_task(space, populations, tmp
     distributions, _ = search_space([f"{key}={value}" for key, value in params.items()])
     point = [f"{key}={one_point(d)}" for key, d in distributions.items()]
     inputs = {"tune": ["model=mlpnet", "train.epochs=1"], "fuse": [f"models={populations}/all/*", "barrier.points=2"],
-              "zip": [f"models={populations}/tasks/*", "merge.num_batches=2"]}[script]
+              "zip": [f"models={populations}/tasks/*", "merge.num_samples=64"]}[script]
     cfg = make_cfg(script, [*selection, *inputs, *point], tmp_path)
     values = _run(cfg)  # raises UserError when an objective is not a metric of the run
     values = [values] if isinstance(cfg.objective, str) else values

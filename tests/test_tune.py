@@ -178,7 +178,7 @@ def test_pruned_and_failed_trials_best_config_reruns_and_the_dashboard_reads_the
 
 def test_two_objective_zipit_study_on_a_journal_file_writes_its_pareto_front(zip_task_models, tmp_path):
     hydra_main("zip", "--multirun", "+hparams_search=zip_pareto", f"models={zip_task_models}/task*",
-               "merge.num_batches=2", "progress=false", "hydra.sweeper.n_trials=4",
+               "merge.num_samples=64", "progress=false", "hydra.sweeper.n_trials=4",
                f"hydra.sweeper.storage=journal:{tmp_path}/journal.log", f"hydra.sweep.dir={tmp_path}/multirun")
     study = optuna.load_study(study_name="zip_pareto", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "journal.log"))))
