@@ -317,9 +317,11 @@ def match(method: Method, models: Sequence[nn.Module], graph: UnitGraph, batches
     stats = None
     if method.features is not None:
         cache = {} if cache is None else cache
-        key = (method.features, method.num_samples, tuple(graph.groups))
+        writers = getattr(method, "writers", "all")  # ZipIt!'s merge.writers; the other methods read every writer
+        key = (method.features, method.num_samples, writers, tuple(graph.groups))
         if key not in cache:
-            cache[key] = feature_stats(models, graph, take(batches, method.num_samples), where=method.features)
+            cache[key] = feature_stats(models, graph, take(batches, method.num_samples), where=method.features,
+                                       writers=writers)
         stats = cache[key]
     return method.match(graph, models, stats, anchor)
 

@@ -5,8 +5,10 @@ Alignment by activations needs, for every unit group, how the units of the model
 A's and model B's units; OT fusion (Singh & Jaggi 2020, Sec. 4 "activation-based alignment") uses the distance
 between unit activation vectors as its ground metric; ZipIt! (Stoica et al. 2024, Sec. 4.1) matches on the
 correlation of all models' features together. All three are functions of the first and second moments of the
-concatenated features, so one pass accumulates ``count``, ``sum`` and ``Σ fᵀf`` in float64 and never stores a
-feature matrix (nor a samples x units x units tensor).
+concatenated features, so one pass accumulates ``count``, ``sum`` and ``Σ fᵀf`` and never stores a feature matrix
+(nor a samples x units x units tensor). The products run in the features' precision (float32 for float32 models) on
+features centred by a per-group shift, and every chunk's result is added into float64 totals (see
+:class:`_Accumulator`).
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
+from scipy.linalg.blas import ssyrk
 from torch import nn
 
+from mergelab.errors import UserError
 from mergelab.models.graph import Group, UnitGraph
 
-# Rows per float64 matrix product, so a large convolutional batch (N*H*W samples) is not copied to float64 at once.
-CHUNK_ROWS = 16384
+# Samples per matrix product in the features' precision; each product is then added into the float64 totals, so a
+# float32 sum never runs over more than this many samples.
+CHUNK_ROWS = 4096
+WRITERS = ("all", "last")
 
 
 @dataclass
@@ -77,19 +83,74 @@ class FeatureStats:
 
 
 class _Accumulator:
-    """Running ``count``, ``sum`` and ``Σ fᵀf`` of one group (float64, on the features' device)."""
+    """Running ``count``, ``sum`` and ``Σ fᵀf`` of one group, on the features' device.
+
+    Each chunk of about ``CHUNK_ROWS`` samples (whole images) is written once into a units-major (M*n, samples)
+    buffer (the models' units stacked; a conv map's positions copied in contiguous runs), centred on the way by a
+    fixed shift (the first chunk's mean, so ReLU features whose mean is large next to their spread lose no digits to
+    cancellation), and multiplied as ``X Xᵀ`` (:func:`_gram`). float64 features stay float64; any other precision is
+    multiplied in float32 and each chunk's result added into float64 totals: float32 runs at twice float64's speed
+    on CPU (far more on GPU), and ZipIt!'s groupings are those of float64 accumulation (tests/test_zipit_fidelity.py).
+    Only the upper triangle of ``Σ fᵀf`` is accumulated; :meth:`stats` mirrors it.
+    """
 
     def __init__(self, width: int, device: torch.device):
         self.count = 0
+        self.shift: torch.Tensor | None = None
         self.sum = torch.zeros(width, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.upper = torch.zeros(width, width, dtype=torch.float64, device=device)
 
-    def add(self, features: torch.Tensor) -> None:
-        for rows in features.split(CHUNK_ROWS):
-            rows = rows.double()
-            self.count += rows.shape[0]
-            self.sum += rows.sum(0)
-            self.outer.addmm_(rows.T, rows)
+    def add(self, per_model: Sequence[torch.Tensor]) -> None:
+        """One batch: every model's features of the group (samples on dim 0, units on dim 1), models in order."""
+        first = per_model[0]
+        positions = first[0].numel() // first.shape[1]  # samples per image (a conv map's positions)
+        step = max(1, CHUNK_ROWS // positions)
+        for start in range(0, first.shape[0], step):
+            chunk = [f[start:start + step] for f in per_model]
+            if self.shift is None:
+                self.shift = torch.cat([_unit_means(f) for f in chunk])[:, None]
+            joined = _units_major(chunk, self.shift)
+            self.count += joined.shape[1]
+            self.sum += joined.sum(1).double()
+            self.upper += _gram(joined).double()
+
+    def stats(self, num_models: int, units: int) -> FeatureStats:
+        """The uncentred moments, ``Σ (c+s)(c+s)ᵀ = Σ ccᵀ + s (Σ c)ᵀ + (Σ c) sᵀ + count s sᵀ``, in float64."""
+        shift = self.shift.squeeze(1).double()
+        upper = self.upper.triu()
+        centred = upper + upper.triu(1).T
+        outer = centred + torch.outer(shift, self.sum) + torch.outer(self.sum, shift) \
+            + self.count * torch.outer(shift, shift)
+        return FeatureStats(num_models, units, self.count, self.sum + self.count * shift, outer)
+
+
+def _gram(x: torch.Tensor) -> torch.Tensor:
+    """``x xᵀ`` of a contiguous (units, samples) matrix; only its upper triangle is meant. On CPU in float32 it is
+    BLAS's ``ssyrk``, which computes that triangle alone (half a matrix product's work, read without a copy: a
+    C-order ``x`` is a Fortran-order ``xᵀ``); elsewhere a matrix product."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(ssyrk(1.0, x.numpy().T, trans=1))
+    return x @ x.T
+
+
+def _units_major(features: Sequence[torch.Tensor], shift: torch.Tensor) -> torch.Tensor:
+    """The models' features (units on dim 1) minus ``shift`` (M*n, 1) as one fresh (M*n, samples) matrix in float32
+    (float64 if they are), written in one pass: ``(torch.cat([as_samples(f) for f in features], 1) - shift.T).T``
+    without its intermediates."""
+    first = features[0]
+    samples, units = first.shape[0], first.shape[1]
+    joined = torch.empty(len(features) * units, first.numel() // units, dtype=shift.dtype, device=first.device)
+    for i, f in enumerate(features):
+        rows = slice(i * units, (i + 1) * units)
+        torch.sub(f.reshape(samples, units, -1).transpose(0, 1), shift[rows, :, None],
+                  out=joined[rows].view(units, samples, -1))
+    return joined
+
+
+def _unit_means(features: torch.Tensor) -> torch.Tensor:
+    """Mean of every unit (dim 1) over samples and positions, in float32 (float64 if the features are)."""
+    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    return features.to(dtype).mean([d for d in range(features.ndim) if d != 1])
 
 
 def as_samples(features: torch.Tensor) -> torch.Tensor:
@@ -115,23 +176,35 @@ def hook_modules(graph: UnitGraph, groups: Sequence[Group], where: str) -> dict[
             for group in groups}
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def feature_stats(models: Sequence[nn.Module], graph: UnitGraph, batches: Iterable, *,
                   groups: Sequence[Group] | None = None, num_batches: int | None = None,
-                  where: str = "post") -> dict[Group, FeatureStats]:
-    """One streaming pass of every model over ``batches`` (``(x, y)`` on the models' device), in eval mode.
+                  where: str = "post", writers: str = "all") -> dict[Group, FeatureStats]:
+    """One streaming pass of every model over ``batches`` (``(x, y)`` on the models' device), in eval mode and
+    inference mode (no autograd bookkeeping at all).
 
     For each group (default: every group with a hook, in graph order) the features of all models are concatenated
-    along the unit axis and their moments accumulated (see :class:`FeatureStats`); a residual stream's writers
-    each contribute their samples (writer ``k`` of every model is paired with writer ``k`` of the others).
+    along the unit axis and their moments accumulated (see :class:`FeatureStats`). ``writers`` says which of the
+    group's writers (``graph.hooks[group]``, in forward order) are read; it matters for a residual stream only:
+
+    - ``"all"``: every writer (the stem and every block), each contributing its samples, writer ``k`` of every
+      model paired with writer ``k`` of the others;
+    - ``"last"``: the last writer, i.e. the stream where it leaves its stage (the input of the next stage or of the
+      pooling), as gstoica27/ZipIt reads it (one PREFIX node per stage exit). ZipIt! offers both
+      (``merge.writers``, default ``all``; the evidence is in docs/zipit.md).
+
     ``num_batches`` stops after that many batches.
     """
+    if writers not in WRITERS:
+        raise UserError(f"writers={writers!r} (merge.writers) is unknown; choose from {list(WRITERS)}")
     groups = [g for g in graph.hooks if g in graph.groups] if groups is None else list(groups)
     modules = hook_modules(graph, groups, where)
+    if writers == "last":
+        modules = {group: hooks[-1:] for group, hooks in modules.items()}
     captured: list[dict[Group, list[torch.Tensor]]] = [{g: [] for g in groups} for _ in models]
     hooks = [(model, name, _capture(store[group], read_input))
              for model, store in zip(models, captured)
-             for group, writers in modules.items() for name, read_input in writers]
+             for group, hooked in modules.items() for name, read_input in hooked]
     accumulators: dict[Group, _Accumulator] = {}
     with hooked_eval(models, hooks):
         for x, _ in itertools.islice(batches, num_batches):
@@ -140,16 +213,17 @@ def feature_stats(models: Sequence[nn.Module], graph: UnitGraph, batches: Iterab
             for group in groups:
                 per_model = [store[group] for store in captured]
                 for writer in zip(*per_model):
-                    joined = torch.cat([as_samples(f) for f in writer], dim=1)
                     if group not in accumulators:
-                        accumulators[group] = _Accumulator(joined.shape[1], joined.device)
-                    accumulators[group].add(joined)
+                        accumulators[group] = _Accumulator(len(writer) * writer[0].shape[1], writer[0].device)
+                    accumulators[group].add(writer)
                 for features in per_model:
                     features.clear()
     if not accumulators:
         raise ValueError("feature_stats: no batches to read features from")
-    return {group: FeatureStats(len(models), graph.groups[group], acc.count, acc.sum, acc.outer)
-            for group, acc in accumulators.items()}
+    stats = {group: acc.stats(len(models), graph.groups[group]) for group, acc in accumulators.items()}
+    with torch.inference_mode(False):  # ordinary tensors for the caller (inference tensors refuse in-place updates)
+        return {group: FeatureStats(s.num_models, s.units, s.count, s.sum.clone(), s.outer.clone())
+                for group, s in stats.items()}
 
 
 @contextmanager
