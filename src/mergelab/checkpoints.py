@@ -1,5 +1,10 @@
 """Checkpoints: safetensors weights plus JSON metadata, written atomically, loaded without unpickling.
 
+Reading also accepts weights written elsewhere (:func:`open_weights`): a safetensors file without mergelab
+metadata, a ``torch.load(weights_only=True)`` state dict (``.pt``/``.pth``/``.bin``, optionally nested under
+``state_dict`` or ``model``), or a sharded safetensors folder with its ``*.safetensors.index.json``. Readers hand
+out one tensor at a time, so a merge can stream tensors without holding whole models.
+
 A checkpoint ``name.safetensors`` carries its metadata twice: inside the safetensors header (authoritative, so the
 file is self-describing and cannot disagree with itself) and in a ``name.json`` sidecar for people and tools.
 Nested training state (optimizer, scheduler, RNG) is stored the same way: its tensors go into the safetensors file
@@ -10,9 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -121,3 +127,174 @@ def unflatten_state(tensors: dict[str, torch.Tensor], skeleton: Any) -> Any:
     if isinstance(skeleton, list):
         return [unflatten_state(tensors, v) for v in skeleton]
     return skeleton
+
+
+# --------------------------------------------------------------------------------------- weights from anywhere
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+NESTED_KEYS = ("state_dict", "model")  # where training scripts commonly nest the state dict in a .pt file
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+class WeightReader:
+    """The tensors of one checkpoint, read one at a time: ``keys()``, ``shape(key)``, ``get(key)``, ``meta``.
+
+    ``rename`` maps the model's key to the file's (prefix stripping); :meth:`get` takes the model's key.
+    """
+
+    path: Path
+    meta: dict
+
+    def file_keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def file_shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def file_get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __init__(self) -> None:
+        self.rename: dict[str, str] = {}
+
+    def keys(self) -> list[str]:
+        inverse = {v: k for k, v in self.rename.items()}
+        return [inverse.get(k, k) for k in self.file_keys()]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.file_shape(self.rename.get(key, key))
+
+    def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        return self.file_get(self.rename.get(key, key)).to(device)
+
+    def state(self, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Every tensor, under the model's key names."""
+        return {key: self.get(key, device) for key in self.keys()}
+
+
+class SafetensorsReader(WeightReader):
+    """One safetensors file, kept open: tensors are copied out of the memory-mapped file on request only."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+        try:
+            self.handle = safe_open(str(path), framework="pt")
+            raw = (self.handle.metadata() or {}).get(META_KEY)
+            self.meta = json.loads(raw) if raw else {}
+            self._keys = list(self.handle.keys())
+        except (SafetensorError, OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"corrupt checkpoint {path} ({exc}); delete it or point to another file") from None
+
+    def file_keys(self) -> list[str]:
+        return self._keys
+
+    def file_shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.handle.get_slice(key).get_shape())
+
+    def file_get(self, key: str) -> torch.Tensor:
+        return self.handle.get_tensor(key)
+
+
+class ShardedReader(WeightReader):
+    """A folder of safetensors shards and the ``*.safetensors.index.json`` whose ``weight_map`` names each
+    tensor's shard (the Hugging Face layout)."""
+
+    def __init__(self, index: Path):
+        super().__init__()
+        self.path = index
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{index} is not a safetensors index ({exc!r}); it needs a weight_map") from None
+        self.shards = {name: SafetensorsReader(index.parent / name) for name in sorted(set(weight_map.values()))
+                       if _exists(index.parent / name, index)}
+        self.where = {key: self.shards[name] for key, name in weight_map.items()}
+        self.meta = next((s.meta for s in self.shards.values() if s.meta), {})
+
+    def file_keys(self) -> list[str]:
+        return list(self.where)
+
+    def file_shape(self, key: str) -> tuple[int, ...]:
+        return self.where[key].file_shape(key)
+
+    def file_get(self, key: str) -> torch.Tensor:
+        return self.where[key].file_get(key)
+
+
+def _exists(shard: Path, index: Path) -> bool:
+    if not shard.is_file():
+        raise UserError(f"shard {shard.name} listed in {index} is missing; copy every shard next to the index")
+    return True
+
+
+class TorchReader(WeightReader):
+    """A ``torch.load(weights_only=True)`` state dict, memory-mapped when the file is in torch's zip format."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path, self.meta = path, {}
+        self.tensors = read_torch_state(path)
+
+    def file_keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def file_shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def file_get(self, key: str) -> torch.Tensor:
+        return self.tensors[key]
+
+
+def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict saved with ``torch.save``, loaded with ``weights_only=True`` (never unpickling objects), taken
+    from under ``state_dict`` or ``model`` when nested there."""
+    try:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
+                raise
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds objects other than tensors, so it was not loaded (only weights-only state "
+                        "dicts are read); save its state_dict() alone, or as safetensors") from None
+    except (OSError, RuntimeError, EOFError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"cannot read {path} ({first}); is it a torch state dict?") from None
+    for key in NESTED_KEYS:
+        if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping) and _tensors_only(obj[key]):
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not obj or not _tensors_only(obj):
+        raise UserError(f"{path} does not hold a state dict (a mapping of names to tensors, possibly under "
+                        f"{' or '.join(NESTED_KEYS)}); save model.state_dict()")
+    return dict(obj)
+
+
+def _tensors_only(mapping: Mapping) -> bool:
+    return all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in mapping.items())
+
+
+def open_weights(path: str | Path) -> WeightReader:
+    """A reader for a weights file or a sharded safetensors folder (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        indexes = sorted(path.glob(f"*{INDEX_SUFFIX}"))
+        if len(indexes) != 1:
+            raise UserError(f"{path} is a folder without exactly one *{INDEX_SUFFIX} (found {len(indexes)}); "
+                            "point to a weights file or a sharded safetensors folder")
+        return ShardedReader(indexes[0])
+    if path.name.endswith(INDEX_SUFFIX):
+        return ShardedReader(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}; check the path or glob")
+    if path.suffix == ".safetensors":
+        return SafetensorsReader(path)
+    if path.suffix in WEIGHT_SUFFIXES:
+        return TorchReader(path)
+    raise UserError(f"{path} is not a weights file; use {', '.join(WEIGHT_SUFFIXES)} or a sharded safetensors folder")
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a weights file or sharded folder (file key names), without unpickling."""
+    return open_weights(path).state()

@@ -1,0 +1,234 @@
+"""Task-vector merging of models fine-tuned from one pretrained model, as pure functions, one tensor at a time.
+
+A task vector is ``tau_i = theta_i - theta_0``: fine-tuned minus pretrained weights. Every method here maps the
+pretrained tensor ``base`` and the fine-tuned tensors ``tuned`` (one per model, same key) to the merged tensor, so a
+merge can stream a model key by key: ``tuned`` may be any sequence that reads ``tuned[i]`` from disk on access
+(:class:`LazyTensors`), and every function walks it with running sums, never stacking the N tensors, so memory per
+key is a few tensors whatever N.
+
+- Task arithmetic: Ilharco et al. 2023, "Editing models with task arithmetic" (ICLR), Sec. 2:
+  ``theta = theta_0 + lambda * sum_i tau_i``.
+- TIES-Merging: Yadav et al. 2023, "Resolving interference when merging models" (NeurIPS), Algorithm 1: trim each
+  tau_i to its top-k% magnitudes, elect the sign of each entry by the sign of the summed trimmed values ("mass"), and
+  average only the trimmed values that agree with it (disjoint mean); ``theta = theta_0 + lambda * tau_m``.
+  Trimming is per tensor here (as mergekit does), not over the flattened whole model as in the paper's code:
+  per-tensor is what streaming allows; see docs/task_vectors.md.
+- DARE: Yu et al. 2024, "Language models are Super Mario" (ICML), Eq. 2: drop each entry of tau_i with probability p
+  and rescale the survivors by 1/(1-p), which keeps E[tau] unchanged; then merge linearly or with TIES' sign
+  election and disjoint mean (without TIES' trimming, which DARE replaces).
+- Model Stock: Jang et al. 2024, "Model Stock: all we need is just a few fine-tuned models" (ECCV), Eq. 4-5: per
+  layer, ``t = N cos(theta) / (1 + (N-1) cos(theta))`` from the angle between the fine-tuned task vectors, and
+  ``theta = t * mean_i theta_i + (1 - t) * theta_0``. For N > 2, cos(theta) is the mean pairwise cosine (the paper
+  assumes equal angles; mergekit averages the pairs too).
+- SLERP: spherical linear interpolation of two models' tensors (Shoemake 1985; mergekit's ``slerp``).
+- Fisher merging: Matena & Raffel 2022, "Merging models with Fisher-weighted averaging" (NeurIPS), Eq. 3:
+  ``theta = sum_i F_i theta_i / sum_i F_i`` with diagonal Fishers F_i.
+- RegMean: Jin et al. 2023, "Dataless knowledge fusion by merging weights of language models" (ICLR), Eq. 2 and
+  Sec. 3.3: for a linear layer with input Gram matrices ``G_i = X_i^T X_i``,
+  ``W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T`` where ``G~ = alpha G + (1 - alpha) diag(G)`` shrinks the off-diagonal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Callable, Iterable, Mapping, Sequence
+
+import torch
+
+EPS = 1e-8
+
+
+class LazyTensors(Sequence):
+    """``tuned[i]`` = tensor ``key`` of model ``i``, read by ``read(i, key)`` when indexed (nothing is cached)."""
+
+    def __init__(self, read: Callable[[int, str], torch.Tensor], count: int, key: str):
+        self.read, self.count, self.key = read, count, key
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index):
+        if not 0 <= index < self.count:
+            raise IndexError(index)
+        return self.read(index, self.key)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _vectors(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> Iterable[torch.Tensor]:
+    """The task vectors tau_i = theta_i - theta_0, one at a time, in float32 or wider."""
+    base = _f32(base)
+    for i in range(len(tuned)):
+        yield _f32(tuned[i]) - base
+
+
+def task_arithmetic(base: torch.Tensor, tuned: Sequence[torch.Tensor], lam: float) -> torch.Tensor:
+    """``theta_0 + lambda * sum_i tau_i`` (Ilharco et al. 2023)."""
+    total = torch.zeros_like(_f32(base))
+    for tau in _vectors(base, tuned):
+        total += tau
+    return (_f32(base) + lam * total).to(base.dtype)
+
+
+def trim(tau: torch.Tensor, k: float) -> torch.Tensor:
+    """TIES step 1: keep the ``ceil(k * numel)`` largest magnitudes of ``tau`` (``0 < k <= 1``), zero the rest."""
+    if not 0 < k <= 1:
+        raise ValueError(f"TIES keeps a fraction k in (0, 1], got {k}")
+    keep = math.ceil(k * tau.numel())
+    if keep >= tau.numel():
+        return tau
+    flat = tau.abs().flatten()
+    threshold = flat.kthvalue(flat.numel() - keep + 1).values
+    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def _disjoint_merge(base: torch.Tensor, sparse: Callable[[], Iterable[torch.Tensor]]) -> torch.Tensor:
+    """TIES steps 2-3 over sparse task vectors: the elected sign (of the summed mass) and the mean of the entries
+    that agree with it (zeros excluded). ``sparse()`` yields the sparse tau_i, and is walked twice."""
+    mass = torch.zeros_like(_f32(base))
+    for tau in sparse():
+        mass += tau
+    sign = torch.sign(mass)
+    total, count = torch.zeros_like(mass), torch.zeros_like(mass)
+    for tau in sparse():
+        agree = (torch.sign(tau) == sign) & (tau != 0)
+        total += torch.where(agree, tau, 0.0)
+        count += agree
+    return total / count.clamp(min=1)
+
+
+def ties(base: torch.Tensor, tuned: Sequence[torch.Tensor], k: float, lam: float) -> torch.Tensor:
+    """TIES-Merging (Yadav et al. 2023, Algorithm 1): trim to top-k%, elect sign, disjoint mean, scale by lambda."""
+    merged = _disjoint_merge(base, lambda: (trim(tau, k) for tau in _vectors(base, tuned)))
+    return (_f32(base) + lam * merged).to(base.dtype)
+
+
+def dare_mask(shape: torch.Size, p: float, seed: int, index: int, key: str, device=None) -> torch.Tensor:
+    """The keep-mask of DARE for model ``index``'s tensor ``key``: Bernoulli(1 - p), seeded by (seed, index, key) so a
+    streamed merge draws the same mask whatever order tensors are read in."""
+    digest = hashlib.sha256(f"{seed}/{index}/{key}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return (torch.rand(shape, generator=generator) >= p).to(device)
+
+
+def dare(base: torch.Tensor, tuned: Sequence[torch.Tensor], p: float, lam: float, *, combine: str = "linear",
+         seed: int = 0, key: str = "") -> torch.Tensor:
+    """DARE (Yu et al. 2024, Eq. 2): tau_i -> mask_i * tau_i / (1 - p), then ``linear`` (task arithmetic) or
+    ``ties`` (sign election and disjoint mean) with scale lambda."""
+    if not 0 <= p < 1:
+        raise ValueError(f"DARE's drop rate p must be in [0, 1), got {p}")
+    if combine not in ("linear", "ties"):
+        raise ValueError(f"DARE combines linear or ties, got {combine!r}")
+
+    def rescaled() -> Iterable[torch.Tensor]:
+        for i, tau in enumerate(_vectors(base, tuned)):
+            yield tau * dare_mask(tau.shape, p, seed, i, key, tau.device) / (1 - p)
+
+    if combine == "linear":
+        merged = torch.zeros_like(_f32(base))
+        for tau in rescaled():
+            merged += tau
+    else:
+        merged = _disjoint_merge(base, rescaled)
+    return (_f32(base) + lam * merged).to(base.dtype)
+
+
+def stock_ratio(cos: float | torch.Tensor, n: int) -> float | torch.Tensor:
+    """Model Stock's interpolation ratio (Jang et al. 2024, Eq. 5): ``t = N cos / (1 + (N - 1) cos)``."""
+    return n * cos / (1 + (n - 1) * cos)
+
+
+def mean_pairwise_cosine(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean cosine over pairs i != j of task vectors, from one pass: with unit vectors u_i,
+    ``sum_{i!=j} <u_i, u_j> = |sum_i u_i|^2 - N``."""
+    n = len(tuned)
+    if n < 2:
+        raise ValueError("the angle between fine-tuned models needs at least two of them")
+    total = torch.zeros_like(_f32(base)).flatten()
+    for tau in _vectors(base, tuned):
+        total += tau.flatten() / (tau.norm() + EPS)
+    return ((total.square().sum() - n) / (n * (n - 1))).clamp(-1.0, 1.0)
+
+
+def model_stock(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Model Stock (Jang et al. 2024, Eq. 4): ``t * mean_i theta_i + (1 - t) * theta_0`` with ``t`` from the angle
+    between the fine-tuned task vectors of this layer (tensor)."""
+    n = len(tuned)
+    t = stock_ratio(mean_pairwise_cosine(base, tuned), n)
+    average = torch.zeros_like(_f32(base))
+    for i in range(n):
+        average += _f32(tuned[i])
+    average /= n
+    return (t * average + (1 - t) * _f32(base)).to(base.dtype)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float, *, dot_threshold: float = 0.9995) -> torch.Tensor:
+    """Spherical interpolation from ``a`` (t=0) to ``b`` (t=1) along the great circle through their directions,
+    magnitudes interpolated with the angle's sines; nearly parallel tensors fall back to the linear interpolation."""
+    a32, b32 = _f32(a), _f32(b)
+    cos = (a32.flatten() @ b32.flatten()) / (a32.norm() * b32.norm() + EPS)
+    if cos.abs() > dot_threshold:
+        return torch.lerp(a32, b32, t).to(a.dtype)
+    omega = torch.arccos(cos.clamp(-1, 1))
+    merged = (torch.sin((1 - t) * omega) * a32 + torch.sin(t * omega) * b32) / torch.sin(omega)
+    return merged.to(a.dtype)
+
+
+def fisher_merge(tuned: Sequence[torch.Tensor], fishers: Sequence[torch.Tensor], floor: float = 1e-6) -> torch.Tensor:
+    """Fisher-weighted averaging (Matena & Raffel 2022, Eq. 3): ``sum_i F_i theta_i / sum_i F_i`` elementwise.
+    ``floor`` is added to every Fisher (as the authors' code does) so entries with zero Fisher everywhere average
+    uniformly instead of dividing by zero."""
+    numerator, denominator = None, None
+    for i in range(len(tuned)):
+        weight = _f32(fishers[i]) + floor
+        term = weight * _f32(tuned[i])
+        numerator = term if numerator is None else numerator + term
+        denominator = weight if denominator is None else denominator + weight
+    return (numerator / denominator).to(tuned[0].dtype)
+
+
+def shrink_gram(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """RegMean's regularised Gram ``alpha G + (1 - alpha) diag(G)`` (Jin et al. 2023, Sec. 3.3)."""
+    return alpha * gram + (1 - alpha) * torch.diag_embed(torch.diagonal(gram))
+
+
+def regmean(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """RegMean for one linear map ``y = W x`` (W: out x in; a convolution's weight flattened to out x in*kh*kw):
+    ``W^T = (sum_i G~_i)^-1 sum_i G~_i W_i^T`` with ``G_i = X_i^T X_i`` over model i's layer inputs, the
+    closed-form minimiser of ``sum_i |X_i W^T - X_i W_i^T|^2`` (Jin et al. 2023, Eq. 2)."""
+    shape, dtype = weights[0].shape, weights[0].dtype
+    lhs, rhs = None, None
+    for i in range(len(weights)):
+        g = shrink_gram(grams[i].double(), alpha)
+        w = weights[i].double().reshape(shape[0], -1)
+        lhs = g if lhs is None else lhs + g
+        rhs = g @ w.T if rhs is None else rhs + g @ w.T
+    return torch.linalg.lstsq(lhs, rhs).solution.T.reshape(shape).to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- the streaming merge
+def mean(tuned: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``(1/N) sum_i theta_i`` by a running sum (float32 or wider), in the first tensor's dtype."""
+    total = _f32(tuned[0]).clone()
+    for i in range(1, len(tuned)):
+        total += _f32(tuned[i])
+    return (total / len(tuned)).to(tuned[0].dtype)
+
+
+def merge_state(keys: Sequence[str], read: Callable[[int, str], torch.Tensor], count: int,
+                merge: Callable[[str, Sequence[torch.Tensor]], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The merged state, built one key at a time: ``merge(key, LazyTensors(read, count, key))``.
+
+    ``read(i, key)`` loads one tensor of model ``i`` (copied out of a memory-mapped file); nothing of another key is
+    held while a key is merged, so peak memory is the output plus a few tensors of one key, whatever ``count``.
+    Integer tensors (BatchNorm's ``num_batches_tracked``) are taken from model 0.
+    """
+    result = {}
+    for key in keys:
+        first = read(0, key)
+        result[key] = merge(key, LazyTensors(read, count, key)) if first.is_floating_point() else first
+        del first
+    return result
