@@ -287,7 +287,7 @@ def test_soup_errors_name_the_problem(tmp_path):
     with pytest.raises(UserError, match="no checkpoint or run folder matches"):
         soup_results(tmp_path, f"{tmp_path}/nothing/*")
     (one,) = make_population(tmp_path / "one", 1)
-    with pytest.raises(UserError, match="at least two"):
+    with pytest.raises(UserError, match="at least 2 checkpoints"):
         soup_results(tmp_path, f"{tmp_path}/one/*")
     make_population(tmp_path / "mixed", 1)
     make_population(tmp_path / "mixed2", 1, model="resnet20")

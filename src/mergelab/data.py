@@ -41,6 +41,7 @@ DEFAULTS = {
     "download": False,
     "val_fraction": 0.1,
     "classes": None,
+    "domain": None,
     "image_size": None,
     "channels": None,
     "augment": False,
@@ -483,6 +484,7 @@ class Data:
     image_size: int
     classes: list[int]  # label i of this Data is label classes[i] of the source
     name: str
+    domain: str | None = None  # the input domain (DOMAINS), None = the images as they are
 
 
 def build_data(
@@ -505,6 +507,8 @@ def build_data(
     test = _prepare(_subsample(source.test, options.max_test_samples), options, in_memory)
     in_channels, image_size = _geometry(train, options)
     mean, std = _normalisation(options, train, in_channels)
+    # After the statistics: every domain is normalised like the original images, as a model pretrained on them sees it.
+    train, test = (apply_domain(split, options.domain) for split in (train, test))
     if options.augment and options.padding_mode == "reflect" and options.crop_padding >= image_size:
         raise UserError(f"dataset.crop_padding={options.crop_padding} must be below the image size {image_size}")
     train, test = (select_classes(split, classes, source.num_classes) for split in (train, test))
@@ -537,6 +541,7 @@ def build_data(
         image_size=image_size,
         classes=classes,
         name=options.name,
+        domain=options.domain,
     )
 
 
@@ -554,6 +559,8 @@ def _options(cfg: DictConfig | dict) -> DictConfig:
         (_null_or_positive(o.image_size), f"dataset.image_size={o.image_size} must be null or positive"),
         (o.crop_padding >= 0, f"dataset.crop_padding={o.crop_padding} must be >= 0"),
         (o.padding_mode in ("reflect", "zeros"), f"dataset.padding_mode={o.padding_mode} must be reflect or zeros"),
+        (o.domain is None or o.domain in DOMAINS,
+         f"dataset.domain={o.domain} is not one of {', '.join(DOMAINS)} (or null for the images as they are)"),
         (o.in_memory in ("auto", True, False), f"dataset.in_memory={o.in_memory} must be auto, true or false"),
         (o.num_workers >= 0, f"dataset.num_workers={o.num_workers} must be >= 0"),
         (_null_or_positive(o.max_train_samples), f"dataset.max_train_samples={o.max_train_samples} must be null or >0"),
@@ -563,6 +570,27 @@ def _options(cfg: DictConfig | dict) -> DictConfig:
         if not fine:
             raise UserError(message)
     return o
+
+
+# Input domains built from any in-memory data set without downloads: new tasks for multi-task merging.
+DOMAINS = ("rotated", "inverted", "blurred")
+
+
+def apply_domain(split: Images, domain: str | None) -> Images:
+    """The split seen in ``domain``: ``rotated`` by 90 degrees (exact, no interpolation), ``inverted`` (``1 - x`` on
+    the 0..1 scale), ``blurred`` (Gaussian, kernel 3, sigma 1). Labels are unchanged."""
+    if domain is None:
+        return split
+    if isinstance(split.images, list):
+        raise UserError(f"dataset.domain={domain} needs images held in memory; image folders are read lazily")
+    images = split.images
+    if domain == "rotated":
+        images = torch.rot90(images, 1, dims=(-2, -1)).contiguous()
+    elif domain == "inverted":
+        images = (255 - images) if images.dtype == torch.uint8 else 1 - images
+    else:
+        images = torch.cat([TF.gaussian_blur(chunk, [3, 3], [1.0, 1.0]) for chunk in images.split(CHUNK)])
+    return Images(images, split.labels)
 
 
 def _null_or_positive(value: int | None) -> bool:

@@ -103,7 +103,8 @@ class Context:
         return {
             "model": OmegaConf.to_container(model_cfg, resolve=True),
             "num_classes": data.num_classes, "in_channels": data.in_channels, "image_size": data.image_size,
-            "dataset": {"name": data.name, "classes": list(data.classes)},
+            "dataset": {"name": data.name, "classes": list(data.classes),
+                        **({"domain": data.domain} if getattr(data, "domain", None) else {})},
             "task": self.cfg.task, "seed": self.seed,
         }
 

@@ -105,6 +105,15 @@ def uniform_soup(states: Iterable[State]) -> dict[str, torch.Tensor]:
     return soup.mean()
 
 
+def streamed_uniform_soup(keys: Sequence[str], read: Callable[[int, str], torch.Tensor],
+                          count: int) -> dict[str, torch.Tensor]:
+    """Recipe 1 streamed one tensor at a time: ``read(i, key)`` loads tensor ``key`` of ingredient ``i`` (from a
+    memory-mapped file), so peak memory is the soup plus one tensor and a running sum, whatever ``count``."""
+    from mergelab.merging.task_vectors import mean, merge_state
+
+    return merge_state(keys, read, count, lambda key, tuned: mean(tuned))
+
+
 def _improves(new: float, old: float, strict: bool) -> bool:
     """The model-soups acceptance test: ``new >= old`` (the paper), or ``new > old`` when ``strict``."""
     return new > old if strict else new >= old

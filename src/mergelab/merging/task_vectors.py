@@ -232,3 +232,171 @@ def merge_state(keys: Sequence[str], read: Callable[[int, str], torch.Tensor], c
         result[key] = merge(key, LazyTensors(read, count, key)) if first.is_floating_point() else first
         del first
     return result
+
+
+# ------------------------------------------------------------------------------------ statistics from data
+def fisher_diagonal(model: torch.nn.Module, batches: Iterable, num_examples: int) -> dict[str, torch.Tensor]:
+    """The diagonal Fisher of every parameter (Matena & Raffel 2022, Eq. 2): the mean over the first
+    ``num_examples`` inputs x of ``E_{y ~ p(y|x)} [(d log p(y|x) / d theta)^2]``, the expectation over y taken exactly
+    (every class, weighted by the model's probability), from per-example gradients (``torch.func``)."""
+    from torch.func import functional_call, grad, vmap
+
+    was_training = model.training
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def log_prob(p, x, c):
+        logits = functional_call(model, (p, buffers), (x.unsqueeze(0),))
+        return torch.log_softmax(logits, -1)[0, c]
+
+    per_example = vmap(grad(log_prob), in_dims=(None, 0, 0))
+    fisher = {k: torch.zeros_like(v) for k, v in params.items()}
+    seen = 0
+    for x, _ in batches:
+        x = x[: num_examples - seen]
+        with torch.no_grad():
+            probs = torch.softmax(model(x), -1)
+        for c in range(probs.shape[1]):
+            grads = per_example(params, x, torch.full((len(x),), c, device=x.device))
+            weight = probs[:, c]
+            for k, g in grads.items():
+                fisher[k] += torch.einsum("b,b...->...", weight, g.square())
+        seen += len(x)
+        if seen >= num_examples:
+            break
+    model.train(was_training)
+    return {k: v / max(seen, 1) for k, v in fisher.items()}
+
+
+def regmean_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The layers RegMean merges by their input Gram matrix: every ``nn.Linear`` and every ungrouped
+    ``nn.Conv2d`` (a grouped convolution's input is not one shared design matrix); the rest is averaged."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) or (isinstance(m, torch.nn.Conv2d) and m.groups == 1)}
+
+
+def input_grams(model: torch.nn.Module, batches: Iterable, num_examples: int) -> dict[str, torch.Tensor]:
+    """``{"<layer>.weight": X^T X / rows}`` for every RegMean layer over the first ``num_examples`` inputs: X holds
+    the layer's inputs (a convolution's unfolded patches, one row per output position), so that ``X W^T`` is the
+    layer's output without bias. Normalised by the row count, as RegMean's reference code does, so models seen on
+    different amounts of data weigh the same."""
+    import torch.nn.functional as F
+
+    layers = regmean_layers(model)
+    grams: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(name, module):
+        def record(_, inputs, __):
+            x = inputs[0].detach()
+            if isinstance(module, torch.nn.Conv2d):
+                x = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)
+                x = x.transpose(1, 2).reshape(-1, x.shape[1])
+            else:
+                x = x.reshape(-1, x.shape[-1])
+            x = x.double()
+            grams[name] = grams.get(name, 0) + x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+        return record
+
+    handles = [m.register_forward_hook(hook(n, m)) for n, m in layers.items()]
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x, _ in batches:
+                x = x[: num_examples - seen]
+                model(x)
+                seen += len(x)
+                if seen >= num_examples:
+                    break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {f"{name}.weight": g / rows[name] for name, g in grams.items()}
+
+
+# ----------------------------------------------------------------------------------- methods by name, and selection
+# Each method's hyperparameters, by the papers' names: the grid a config lists for each is searched on validation.
+HYPERPARAMETERS = {
+    "task_arithmetic": ("lam",),
+    "ties": ("k", "lam"),
+    "dare": ("p", "lam"),
+    "model_stock": (),
+    "slerp": ("t",),
+    "fisher": (),
+    "regmean": ("alpha",),
+}
+NEEDS_BASE = ("task_arithmetic", "ties", "dare", "model_stock")  # task vectors: theta_i - theta_0
+NEEDS_DATA = {"fisher": "fisher", "regmean": "grams"}  # statistics each model computes on its training data
+
+
+def key_merger(method: str, params: Mapping[str, float], *, base: Callable[[str], torch.Tensor] | None = None,
+               stats: Sequence[Mapping[str, torch.Tensor]] | None = None, combine: str = "linear", seed: int = 0,
+               floor: float = 1e-6) -> Callable[[str, Sequence[torch.Tensor]], torch.Tensor]:
+    """``merge(key, tuned) -> tensor`` for :func:`merge_state`: method ``method`` with ``params``. ``base(key)``
+    reads the pretrained tensor; ``stats[i]`` holds model i's Fisher or Gram per key (keys without statistics, such
+    as BatchNorm buffers, or biases for RegMean, are averaged)."""
+    if method in NEEDS_BASE and base is None:
+        raise ValueError(f"{method} merges task vectors and needs the pretrained weights")
+
+    def merge(key: str, tuned: Sequence[torch.Tensor]) -> torch.Tensor:
+        if method == "task_arithmetic":
+            return task_arithmetic(base(key), tuned, params["lam"])
+        if method == "ties":
+            return ties(base(key), tuned, params["k"], params["lam"])
+        if method == "dare":
+            return dare(base(key), tuned, params["p"], params["lam"], combine=combine, seed=seed, key=key)
+        if method == "model_stock":
+            return model_stock(base(key), tuned)
+        if method == "slerp":
+            if len(tuned) != 2:
+                raise ValueError(f"SLERP interpolates two models, got {len(tuned)}")
+            return slerp(tuned[0], tuned[1], params["t"])
+        if stats is None or key not in stats[0]:
+            return mean(tuned)
+        if method == "fisher":
+            return fisher_merge(tuned, [s[key] for s in stats], floor)
+        if method == "regmean":
+            return regmean(tuned, [s[key] for s in stats], params["alpha"])
+        raise ValueError(f"unknown task-vector method {method!r}; one of {', '.join(HYPERPARAMETERS)}")
+
+    return merge
+
+
+def grid_points(method: str, settings: Mapping) -> list[dict[str, float]]:
+    """The Cartesian product of the method's hyperparameter lists in ``settings`` (a scalar is a one-point list)."""
+    import itertools
+
+    names = HYPERPARAMETERS[method]
+    values = []
+    for name in names:
+        given = settings[name]
+        values.append([float(v) for v in given] if isinstance(given, Sequence) and not isinstance(given, str)
+                      else [float(given)])
+    return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+
+def select_merge(method: str, settings: Mapping, keys: Sequence[str], read: Callable[[int, str], torch.Tensor],
+                 count: int, score: Callable[[dict], float], *, base: Callable[[str], torch.Tensor] | None = None,
+                 stats: Sequence[Mapping[str, torch.Tensor]] | None = None
+                 ) -> tuple[dict[str, float], dict[str, torch.Tensor], list[tuple[dict[str, float], float]]]:
+    """Merge with every point of the method's grid (streaming each), score each merged state with ``score`` (the
+    caller's validation score, higher is better) and keep the best; ties go to the earlier point.
+
+    Returns ``(params, state, curve)`` with ``curve = [(params, score), ...]``.
+    """
+    best = None
+    curve = []
+    for params in grid_points(method, settings):
+        merger = key_merger(method, params, base=base, stats=stats, combine=str(settings.get("combine", "linear")),
+                            seed=int(settings.get("seed", 0)), floor=float(settings.get("floor", 1e-6)))
+        state = merge_state(keys, read, count, merger)
+        value = score(state)
+        curve.append((params, value))
+        if best is None or value > best[1]:
+            best = (params, value, state)
+    return best[0], best[2], curve

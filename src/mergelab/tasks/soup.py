@@ -18,21 +18,23 @@ import torch
 import torch.nn.functional as F
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
-from safetensors import SafetensorError, safe_open
 from sklearn.metrics import f1_score
 from torch import nn
 
-from mergelab.checkpoints import load_checkpoint, read_meta, save_checkpoint
+from mergelab.checkpoints import load_checkpoint, save_checkpoint
 from mergelab.data import build_data
 from mergelab.errors import UserError
 from mergelab.evaluation import has_batchnorm, predict, recompute_bn
 from mergelab.merging import soups
+from mergelab.merging import task_vectors as tv
 from mergelab.metrics import metric_key
-from mergelab.population import check_same_architecture, model_from_meta, resolve_checkpoints
+from mergelab.population import Member, architecture, check_same_architecture, model_from_meta, open_member, \
+    open_population
 from mergelab.runner import Context
 from mergelab.tasks.finetune import BATCH_OPTIONS, split_seed
 
-RECIPES = ("uniform", "greedy", "greedy_random", "pruned", "wiseft", "ensemble")
+SOUPS = ("uniform", "greedy", "greedy_random", "pruned", "wiseft", "ensemble")
+RECIPES = (*SOUPS, *tv.HYPERPARAMETERS)  # soups and their baselines, then the task-vector methods
 METRICS = ("acc", "f1", "neg_loss")
 # Keys of an ingredient's metadata that describe its own training run, not the soup's architecture.
 RUN_KEYS = ("hparams", "metrics", "epoch", "step", "index", "history", "ema_decay")
@@ -49,8 +51,12 @@ def run(ctx: Context) -> dict:
         if votes:
             return votes
         raise UserError("no ingredients: pass ingredients='<glob of checkpoints or run folders>'")
-    population = Population.open(cfg.ingredients, cfg.which, bool(cfg.keep_in_memory))
+    population = Population.open(cfg)
     seed = population.data_seed(cfg)
+    if population.multitask:
+        from mergelab.multitask import MultiTaskStudy
+
+        return MultiTaskStudy(ctx, population, seed).run(recipes)
     data = build_data(cfg.dataset, batch_size=int(cfg.eval_batch_size), eval_batch_size=int(cfg.eval_batch_size),
                       seed=seed, device=ctx.device)
     population.check_dataset(data)
@@ -62,6 +68,9 @@ def run(ctx: Context) -> dict:
     for name in ("uniform", "greedy", "greedy_random", "pruned", "wiseft"):
         if name in recipes:
             getattr(study, name)(recipes[name])
+    for name in tv.HYPERPARAMETERS:
+        if name in recipes:
+            study.task_vector(name, recipes[name])
     if "ensemble" in recipes:
         study.ensembles(recipes["ensemble"])
     if cfg.predict.folder:
@@ -102,26 +111,53 @@ def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------------------------------------------ population
 @dataclass
 class Population:
-    """The ingredients: paths, metadata (read from headers only), and their states, each read from disk once when
-    ``keep_in_memory`` (the default), else re-read lazily one at a time."""
+    """The ingredients (:func:`mergelab.population.open_population`: mergelab's or foreign checkpoints), and their
+    states, each read from disk once when ``keep_in_memory`` (the default), else re-read lazily one at a time;
+    :meth:`read` gives one tensor, from memory or straight from the file, for streaming merges."""
 
-    paths: list[Path]
-    metas: list[dict]
+    members: list[Member]
     keep_in_memory: bool
     _states: dict[int, dict] = field(default_factory=dict)
     reads: int = 0
 
     @classmethod
-    def open(cls, specs: Any, which: str, keep_in_memory: bool) -> "Population":
-        specs = [specs] if isinstance(specs, str) else list(specs)
-        paths = resolve_checkpoints(specs, which)
-        if len(paths) < 2:
-            raise UserError(f"a soup needs at least two ingredients; {specs} matches only {paths[0]}")
-        for path in paths:
-            _check_mergelab(path)
-        metas = check_same_architecture(paths)
-        check_shapes(paths)
-        return cls(paths, metas, keep_in_memory)
+    def open(cls, cfg: DictConfig) -> "Population":
+        members = open_population(cfg.ingredients, cfg, which=cfg.which, minimum=2, what="soup")
+        population = cls(members, bool(cfg.keep_in_memory))
+        if population.multitask:
+            # Every task keeps its own head: only the backbone must agree.
+            reference = {**architecture(members[0].meta), "num_classes": None}
+            for member in members[1:]:
+                if {**architecture(member.meta), "num_classes": None} != reference:
+                    raise UserError(f"cannot merge {member.path}: its model {member.meta.get('model')} differs from "
+                                    f"{members[0].path}'s {members[0].meta.get('model')}")
+        else:
+            check_same_architecture(members)
+        return population
+
+    @property
+    def paths(self) -> list[Path]:
+        return [m.path for m in self.members]
+
+    @property
+    def metas(self) -> list[dict]:
+        return [m.meta for m in self.members]
+
+    @property
+    def multitask(self) -> bool:
+        """Fine-tuned on different tasks (classes or input domains), as the checkpoints' metadata records."""
+        from mergelab.multitask import task_id
+
+        return len({task_id(m) for m in self.metas}) > 1
+
+    def keys(self) -> list[str]:
+        return self.members[0].keys()
+
+    def read(self, index: int, key: str) -> torch.Tensor:
+        """Tensor ``key`` of ingredient ``index``: from memory when held, else read from its file now."""
+        if index in self._states:
+            return self._states[index][key]
+        return self.members[index].tensor(key)
 
     def data_seed(self, cfg: DictConfig) -> int:
         """The run seed to build the soup's data with, after checking that the soup's validation split is the one
@@ -158,7 +194,7 @@ class Population:
     def state(self, index: int) -> dict[str, torch.Tensor]:
         if index in self._states:
             return self._states[index]
-        state, _ = load_checkpoint(self.paths[index])
+        state = self.members[index].state()
         self.reads += 1
         if self.keep_in_memory:
             self._states[index] = state
@@ -172,31 +208,6 @@ class Population:
     def soup_meta(self) -> dict:
         """Metadata for a soup checkpoint: the ingredients' architecture and data, without their own run details."""
         return {k: v for k, v in self.metas[0].items() if k not in RUN_KEYS}
-
-
-def _check_mergelab(path: Path) -> None:
-    if "model" not in read_meta(path):
-        raise UserError(f"{path} has no mergelab metadata (model config); soups take checkpoints written by "
-                        "train.py, finetune.py or soup.py")
-
-
-def check_shapes(paths: list[Path]) -> None:
-    """Every file must hold the same tensor names and shapes as the first (read from the headers only)."""
-    reference = _shapes(paths[0])
-    for path in paths[1:]:
-        shapes = _shapes(path)
-        if shapes != reference:
-            key = next(k for k in sorted(set(shapes) | set(reference)) if shapes.get(k) != reference.get(k))
-            raise UserError(f"cannot soup {path}: tensor {key} has shape {shapes.get(key)} there but "
-                            f"{reference.get(key)} in {paths[0]}; ingredients must share one architecture")
-
-
-def _shapes(path: Path) -> dict[str, list[int]]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
-    except (SafetensorError, OSError) as exc:
-        raise UserError(f"corrupt checkpoint {path} ({exc}); delete it or point to another file") from None
 
 
 def cache_dir(ctx: Context) -> Path:
@@ -304,7 +315,8 @@ class Study:
     # ------------------------------------------------------------------ weight-space soups
     def uniform(self, settings: DictConfig) -> None:
         start = time.perf_counter()
-        state = soups.uniform_soup(self.population.states())
+        # Streamed one tensor at a time from the files (or from memory when held): one model's memory whatever N.
+        state = soups.streamed_uniform_soup(self.population.keys(), self.population.read, len(self.population))
         self._soup("uniform", list(range(len(self.population))), state, start)
 
     def greedy(self, settings: DictConfig) -> None:
@@ -349,17 +361,30 @@ class Study:
             self.notes.append("wiseft skipped: the ingredients record no shared start point (not from finetune.py); "
                               "set merge.wiseft.pretrained=<checkpoint>")
             return
-        theta0, _ = load_checkpoint(pretrained, device=self.ctx.device)
+        theta0 = open_member(Path(pretrained), self.cfg).state(self.ctx.device)
         alpha, state, curve = soups.wiseft(theta0, self.states[settings.of], list(settings.alphas), self.scorer.score)
         selected = self.methods[settings.of].selected
         self._soup("wiseft", selected, state, start, {"alpha": alpha, "of": settings.of, "pretrained": str(pretrained),
                                                       "curve": [{"alpha": a, "val_score": s} for a, s in curve]})
 
     def _shared_init(self) -> str | None:
-        inits = {m.get("init") for m in self.population.metas}
-        if len(inits) != 1 or None in inits:
-            return None
-        return inits.pop()
+        return shared_init(self.population)
+
+    # ------------------------------------------------------------------ task vectors
+    def task_vector(self, name: str, settings: DictConfig) -> None:
+        """A task-vector method (merging/task_vectors.py), its hyperparameters chosen on validation over its grid."""
+        start = time.perf_counter()
+        keys = self.population.keys()
+        base = pretrained_member(self.cfg, self.population, name, keys)
+        stats = None
+        if name in tv.NEEDS_DATA:
+            stats = [model_statistics(name, settings, self.population.members[i].model(self.ctx.device),
+                                      self.scorer.data.train_eval) for i in range(len(self.population))]
+        params, state, curve = tv.select_merge(
+            name, settings, keys, self.population.read, len(self.population), self.scorer.score,
+            base=(lambda key: base.tensor(key)) if base is not None else None, stats=stats)
+        self._soup(name, list(range(len(self.population))), state, start,
+                   {"params": params, "curve": [{"params": p, "val_score": v} for p, v in curve]})
 
     # ------------------------------------------------------------------ output-space baselines
     def ensembles(self, settings: DictConfig) -> None:
@@ -445,6 +470,48 @@ def evaluation_key(path: Path, cfg: DictConfig, split: int) -> str:
     key = {"path": str(path.resolve()), "mtime_ns": stat.st_mtime_ns, "size": stat.st_size, "dataset": dataset,
            "split_seed": split}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def shared_init(population: Population) -> str | None:
+    """The start point every ingredient records (finetune.py's meta ``init``), when they record one and agree."""
+    inits = {m.get("init") for m in population.metas}
+    if len(inits) != 1 or None in inits:
+        return None
+    return inits.pop()
+
+
+def pretrained_member(cfg: DictConfig, population: Population, method: str, keys: list[str]) -> Member | None:
+    """The pretrained weights theta_0 of task vectors: ``pretrained=<checkpoint>``, else the start point the
+    ingredients record; None for methods that do not need it. Its tensors ``keys`` must have the ingredients'
+    shapes."""
+    if method not in tv.NEEDS_BASE:
+        return None
+    path = cfg.get("pretrained") or shared_init(population) or _backbone_init(population)
+    if not path:
+        raise UserError(f"merge={method} needs the pretrained model the ingredients were fine-tuned from; set "
+                        "pretrained=<checkpoint> (the ingredients record no shared start point)")
+    base = open_member(Path(path), cfg)
+    mine = population.members[0]
+    for key in keys:
+        if base.reader.shape(key) != mine.reader.shape(key):
+            raise UserError(f"pretrained={path} does not fit the ingredients: {key} has shape "
+                            f"{list(base.reader.shape(key))} there but {list(mine.reader.shape(key))} in "
+                            f"{mine.path}; point to the model they were fine-tuned from")
+    return base
+
+
+def _backbone_init(population: Population) -> str | None:
+    """Multi-task populations record one start point per task (its head differs); their backbones are the same
+    pretrained model, so any of them serves as theta_0 of the backbone."""
+    inits = [m.get("init") for m in population.metas]
+    return inits[0] if population.multitask and all(inits) else None
+
+
+def model_statistics(method: str, settings: DictConfig, model: nn.Module, batches) -> dict[str, torch.Tensor]:
+    """What Fisher merging (diagonal Fisher) or RegMean (input Gram matrices) reads from a model's training data."""
+    if method == "fisher":
+        return tv.fisher_diagonal(model, batches, int(settings.num_examples))
+    return tv.input_grams(model, batches, int(settings.num_examples))
 
 
 def predictions_vote(ctx: Context) -> dict:
