@@ -76,9 +76,11 @@ def model_from_meta(meta: dict, path: str | Path = "checkpoint") -> nn.Module:
         raise UserError(f"{path} has no mergelab metadata ({exc} missing); it was not written by mergelab") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuild the model stored in a mergelab checkpoint; returns ``(model, meta)``."""
-    member = open_member(Path(path))
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               cfg: DictConfig | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild the model stored in a checkpoint (its architecture from its metadata, else from ``cfg``); returns
+    ``(model, meta)``."""
+    member = open_member(Path(path), cfg)
     return member.model(device), member.meta
 
 
@@ -211,10 +213,13 @@ def match_prefixes(file_keys: list[str], expected: Iterable[str]) -> dict[str, s
     while changed and hits(mapping) < len(mapping):
         changed = False
         for prefix in PREFIXES:
-            stripped = {k.removeprefix(prefix): f for k, f in mapping.items()}
-            if len(stripped) == len(mapping) and hits(stripped) > hits(mapping):
-                mapping, changed = stripped, True
-                break
+            # A wrapper prefix is on every key; strip it unless that makes fewer keys match (nested wrappers, e.g.
+            # module.model., match only once both are gone).
+            if all(k.startswith(prefix) for k in mapping):
+                stripped = {k.removeprefix(prefix): f for k, f in mapping.items()}
+                if hits(stripped) >= hits(mapping):
+                    mapping, changed = stripped, True
+                    break
     for prefix in PREFIXES:
         added = {prefix + k: f for k, f in mapping.items()}
         if hits(added) > hits(mapping):

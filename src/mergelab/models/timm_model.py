@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import logging
-import pickle
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from mergelab.errors import UserError
@@ -62,13 +59,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"weights file {path} not found; set model.weights to a local .safetensors or torch "
                         "state-dict file")
-    try:
-        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
-                                                                                weights_only=True)
-    except (OSError, RuntimeError, pickle.UnpicklingError, SafetensorError) as error:
-        raise UserError(f"cannot read weights file {path}: {error}") from error
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UserError(f"weights file {path} does not hold a state dict (a mapping of names to tensors)")
+    from mergelab.checkpoints import read_weights  # the one reader: never unpickles, one-line errors
+
+    state = read_weights(path)
     if state and all(key.startswith("net.") for key in state):
         state = {key.removeprefix("net."): value for key, value in state.items()}
     return dict(state)

@@ -27,7 +27,7 @@ from mergelab.merging.soups import logit_ensemble
 from mergelab.metrics import column, metric_key, table_metrics
 from mergelab.models import check_compatible, unit_graph
 from mergelab.models.multihead import cut_points, find_cut
-from mergelab.population import check_same_architecture, load_model, resolve_checkpoints
+from mergelab.population import check_same_architecture, open_population
 from mergelab.pruning import apply_masks, freeze_pruned, l1_masks, prunable_weights, sparsity
 from mergelab.runner import Context
 from mergelab.sharpness import sharpness_report
@@ -41,12 +41,13 @@ def run(ctx: Context) -> dict:
     whole(cfg.retrain.epochs, "retrain.epochs", 0, "0 = no retraining")
     whole(cfg.prune.retrain_epochs, "prune.retrain_epochs", 0, "0 = no retraining")
     number(cfg.prune.fraction, "prune.fraction", lambda v: 0 <= v < 1, "in [0, 1), the fraction of weights pruned")
-    paths = resolve_checkpoints(cfg.models, which=cfg.checkpoint)
+    members = open_population(cfg.models, cfg, which=cfg.checkpoint)
+    paths = [m.path for m in members]
     if len(paths) < 2:
         raise UserError(f"fusion needs at least 2 models, models={cfg.models} matches {len(paths)}; "
                         "pass a glob matching several checkpoints or run folders")
-    metas = check_same_architecture(paths)
-    models = [load_model(p, ctx.device)[0] for p in paths]
+    metas = check_same_architecture(members)
+    models = [m.model(ctx.device) for m in members]
     names = [f"model {i} ({p.parent.parent.name if p.parent.name == 'checkpoints' else p.stem})"
              for i, p in enumerate(paths)]
     check_compatible([m.state_dict() for m in models], names)

@@ -26,7 +26,6 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from mergelab.checkpoints import read_meta
 from mergelab.data import Data, build_data
 from mergelab.config import corrections as parse_corrections
 from mergelab.errors import UserError
@@ -39,7 +38,7 @@ from mergelab.metrics import table_metrics
 from mergelab.models import unit_graph
 from mergelab.models.graph import _model_names
 from mergelab.models.multihead import Cut, MultiHead, cut_points, find_cut
-from mergelab.population import architecture, load_model, resolve_checkpoints
+from mergelab.population import architecture, load_model, open_population
 from mergelab.runner import Context
 
 SPLITS = ("val", "test")
@@ -57,7 +56,7 @@ class Task:
 def run(ctx: Context) -> dict:
     cfg = ctx.cfg
     paths, metas = population(cfg)
-    models = [load_model(p, ctx.device)[0].eval() for p in paths]
+    models = [load_model(p, ctx.device, cfg)[0].eval() for p in paths]
     graph = unit_graph(models[0])
     cuts = cut_points(models[0], graph)
     if cfg.list_layers:
@@ -118,11 +117,12 @@ def run(ctx: Context) -> dict:
 def population(cfg) -> tuple[list[Path], list[dict]]:
     """The checkpoints and their metadata, refusing what cannot be zipped: fewer than two models, other model
     families or configs, another data set, heads that do not match their classes, tasks that overlap."""
-    paths = resolve_checkpoints(cfg.models, which=cfg.checkpoint)
+    members = open_population(cfg.models, cfg, which=cfg.checkpoint)
+    paths = [m.path for m in members]
     if len(paths) < 2:
         raise UserError(f"zip.py needs at least 2 task models, models={cfg.models} matches {len(paths)}; "
                         "pass a glob matching one checkpoint or run folder per task")
-    metas = [read_meta(p) for p in paths]
+    metas = [m.meta for m in members]
     reference = {**architecture(metas[0]), "num_classes": None}
     for path, meta in zip(paths, metas):
         if {**architecture(meta), "num_classes": None} != reference:
