@@ -117,3 +117,16 @@ def test_checkpoints_that_do_not_fit_the_named_model_are_one_line_and_exit_2(tmp
     proc = run_script("soup.py", f"ingredients={tmp_path}/*.safetensors", "model=mlpnet", "model.hidden=[16,8]",
                       "merge=uniform", f"hydra.run.dir={tmp_path}/ok")
     assert_state(load_checkpoint(tmp_path / "ok" / "checkpoints" / "uniform.safetensors")[0], mean(wide))
+
+
+def test_a_timm_state_dict_loads_as_model_timm(tmp_path):
+    import timm
+
+    net = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in net.state_dict().items()}}, tmp_path / "timm.pth")
+    (member,) = open_population(str(tmp_path / "timm.pth"),
+                                make_cfg("soup", ["model=timm", "model.name=test_resnet"]))
+    model = member.model()
+    assert model.arch == "timm:test_resnet"
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(model.eval()(x), net.eval()(x))

@@ -74,18 +74,21 @@ class MultiTaskScorer:
     def backbone_keys(self, state_keys: list[str]) -> list[str]:
         return [k for k in state_keys if not k.startswith(self.prefix)]
 
-    def load(self, backbone: State, task: Task) -> nn.Module:
-        head = task.head[self.prefix + "weight"]
-        if self.model.get_classifier().out_features != head.shape[0]:
-            self.model.reset_classifier(head.shape[0])
-        self.model.load_state_dict({**backbone, **task.head})
+    def load(self, backbone: State, task: Task, head: State | None = None) -> nn.Module:
+        head = task.head if head is None else head
+        rows = head[self.prefix + "weight"].shape[0]
+        if self.model.get_classifier().out_features != rows:
+            self.model.reset_classifier(rows)
+        self.model.load_state_dict({**backbone, **head})
         if self.recompute:
             recompute_bn(self.model, task.data.train_eval)
         return self.model
 
-    def logits(self, backbone: State, task: Task, splits: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """``{split: logits}`` of the backbone with the task's head; ``joint_val``/``joint_test`` are the joint data."""
-        model = self.load(backbone, task)
+    def logits(self, backbone: State, task: Task, splits: tuple[str, ...],
+               head: State | None = None) -> dict[str, torch.Tensor]:
+        """``{split: logits}`` of the backbone with the task's head (or ``head``); ``joint_val``/``joint_test`` are
+        the joint data."""
+        model = self.load(backbone, task, head)
         out = {}
         for split in splits:
             if split.startswith("joint_"):
@@ -277,9 +280,8 @@ class MultiTaskStudy:
 
         def logits(task: Task) -> dict[str, torch.Tensor]:
             state = members[task_id(self.population.metas[task.members[0]])].state(self.ctx.device)
-            own = Task(task.name, task.dataset, task.data, {k: v for k, v in state.items()
-                                                           if k.startswith(self.scorer.prefix)}, task.members)
-            return self.scorer.logits({k: state[k] for k in self.keys}, own, SPLITS)
+            head = {k: v for k, v in state.items() if k.startswith(self.scorer.prefix)}
+            return self.scorer.logits({k: state[k] for k in self.keys}, task, SPLITS, head)
 
         self.add("multi-task model", logits, len(members), 1, start)
 

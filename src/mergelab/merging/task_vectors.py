@@ -246,11 +246,12 @@ def fisher_diagonal(model: torch.nn.Module, batches: Iterable, num_examples: int
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
 
-    def log_prob(p, x, c):
+    def log_prob(p, x, c: int):
         logits = functional_call(model, (p, buffers), (x.unsqueeze(0),))
         return torch.log_softmax(logits, -1)[0, c]
 
-    per_example = vmap(grad(log_prob), in_dims=(None, 0, 0))
+    def per_example(c: int):
+        return vmap(grad(lambda p, x: log_prob(p, x, c)), in_dims=(None, 0))
     fisher = {k: torch.zeros_like(v) for k, v in params.items()}
     seen = 0
     for x, _ in batches:
@@ -258,7 +259,7 @@ def fisher_diagonal(model: torch.nn.Module, batches: Iterable, num_examples: int
         with torch.no_grad():
             probs = torch.softmax(model(x), -1)
         for c in range(probs.shape[1]):
-            grads = per_example(params, x, torch.full((len(x),), c, device=x.device))
+            grads = per_example(c)(params, x)
             weight = probs[:, c]
             for k, g in grads.items():
                 fisher[k] += torch.einsum("b,b...->...", weight, g.square())

@@ -24,16 +24,19 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from sklearn.linear_model import LogisticRegression
 from torch import nn
 
 from mergelab.checkpoints import read_meta, save_checkpoint
 from mergelab.errors import UserError
+from mergelab.evaluation import evaluate
 from mergelab.population import load_model, resolve_checkpoints
 from mergelab.runner import Context
 from mergelab.tasks.train import summarize
-from mergelab.training import Trainer
+from mergelab.training import Trainer, build_scheduler
 
 HEADS = ("zero", "seeded", "linear_probe")
 # Dataset options that change only how training batches are drawn, not which samples the splits hold.
@@ -42,6 +45,8 @@ BATCH_OPTIONS = ("augment", "crop_padding", "padding_mode", "flip", "balanced", 
 
 def run(ctx: Context) -> dict:
     cfg = ctx.cfg
+    if cfg.get("tasks"):
+        return joint_training(ctx)
     hparams = draw_hparams(cfg, int(cfg.index))
     tuned = apply_hparams(cfg, hparams)
     data = ctx.data(tuned.dataset)
@@ -275,3 +280,63 @@ def _multiclass_coefficients(fit: LogisticRegression) -> tuple[np.ndarray, np.nd
         half, bias = fit.coef_[0] / 2, fit.intercept_[0] / 2
         return np.stack([-half, half]), np.array([-bias, bias])
     return fit.coef_, fit.intercept_
+
+
+# ---------------------------------------------------------------------------------------- the multi-task model
+def joint_training(ctx: Context) -> dict:
+    """The multi-task reference of task-vector benchmarks: one backbone from the pretrained model with one head per
+    task (each started like a fine-tuned ingredient's: ``head=...``), trained on every task together. Each step
+    takes one batch of every task and minimises the sum of the tasks' cross-entropies. ``tasks`` lists each task's
+    dataset options (e.g. ``{classes: [0,1,2,3,4]}``, ``{domain: rotated}``). Writes one checkpoint per task,
+    ``checkpoints/task<i>.safetensors`` (the shared backbone with that task's head, that task's metadata), which
+    soup.py reads with ``multitask=<glob>``."""
+    cfg = ctx.cfg
+    datas = [ctx.data(OmegaConf.merge(cfg.dataset, task)) for task in cfg.tasks]
+    source, model_cfg = pretrained_source(cfg)
+    model = pretrained_model(ctx, datas[0], source, model_cfg)
+    heads = []
+    for data in datas:
+        model.reset_classifier(data.num_classes)
+        init_head(model, cfg, data)
+        heads.append(model.get_classifier())
+    modules = nn.ModuleList([model, *heads])  # the model's current classifier is the last head: listed once
+    optimizer = instantiate(cfg.optimizer)(list(dict.fromkeys(modules.parameters())))
+    steps = max(len(d.train) for d in datas)  # an epoch: one pass over the largest task, the others cycled
+    scheduler = build_scheduler(cfg.scheduler, optimizer, steps * int(cfg.train.epochs), steps)
+    smoothing = float(cfg.train.label_smoothing)
+    torch.manual_seed(ctx.seed)
+    streams = [_cycle(d.train) for d in datas]
+    for epoch in range(int(cfg.train.epochs)):
+        model.train()
+        for _ in range(steps):
+            batches = [next(stream) for stream in streams]
+            loss = sum(F.cross_entropy(head(model.forward_features(x)), y, label_smoothing=smoothing)
+                       for head, (x, y) in zip(heads, batches))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        if not torch.isfinite(loss):
+            raise UserError(f"the multi-task loss diverged at epoch {epoch}; lower optimizer.lr")
+    table, metrics = [], {}
+    for index, (data, head) in enumerate(zip(datas, heads)):
+        model.set_submodule(model.classifier_name, head)
+        row = {"model": f"task{index}", **{f"{split}_acc": evaluate(model, getattr(data, split))["acc"]
+                                           for split in ("val", "test")}}
+        table.append(row)
+        metrics.update({f"task{index}/{k}": v for k, v in row.items() if k != "model"})
+        meta = {**ctx.model_meta(data, model_cfg), "split_seed": split_seed(data_cfg(cfg, index), ctx.seed),
+                "index": index, "multitask": [OmegaConf.to_container(t, resolve=True) for t in cfg.tasks]}
+        save_checkpoint(ctx.run_dir / "checkpoints" / f"task{index}.safetensors", model.state_dict(), meta)
+    return {"task": "finetune", "metrics": metrics, "table": table}
+
+
+def _cycle(batches):
+    """The training batches of one task, epoch after epoch (each pass reshuffled by its own epoch number)."""
+    for epoch in itertools.count():
+        batches.set_epoch(epoch)
+        yield from batches
+
+
+def data_cfg(cfg: DictConfig, index: int) -> DictConfig:
+    return OmegaConf.merge(cfg.dataset, cfg.tasks[index])
