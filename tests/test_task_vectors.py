@@ -137,3 +137,69 @@ def test_invalid_hyperparameters_are_refused():
         tv.trim(torch.ones(3), 0.0)
     with pytest.raises(ValueError):
         tv.dare(torch.ones(3), [torch.ones(3)], p=1.0, lam=1.0)
+
+
+def peak_live_reads(method, n, params=None):
+    """The most tensors read by a streamed merge of ``n`` models that are alive at once (freed ones excluded)."""
+    import weakref
+
+    torch.manual_seed(0)
+    keys = [f"layer{i}" for i in range(4)]
+    base = {k: torch.randn(64) for k in keys}
+    live = peak = 0
+
+    def read(i, key):
+        nonlocal live, peak
+        tensor = base[key] + 0.1 * torch.randn(64)
+        live += 1
+        peak = max(peak, live)
+
+        def freed():
+            nonlocal live
+            live -= 1
+
+        weakref.finalize(tensor, freed)
+        return tensor
+
+    merger = (lambda key, tuned: tv.mean(tuned)) if method == "uniform" else \
+        tv.key_merger(method, params or {}, base=base.__getitem__)
+    tv.merge_state(keys, read, n, merger)
+    return peak
+
+
+@pytest.mark.parametrize("method, params", [("uniform", None), ("task_arithmetic", {"lam": 0.5}),
+                                            ("ties", {"k": 0.2, "lam": 1.0}), ("dare", {"p": 0.5, "lam": 1.0}),
+                                            ("model_stock", None)])
+def test_streaming_holds_a_bounded_number_of_tensors_whatever_the_population(method, params):
+    few, many = peak_live_reads(method, 3, params), peak_live_reads(method, 24, params)
+    assert few == many <= 3  # the first model's tensor of the key, plus the one being added
+
+
+def test_fisher_diagonal_of_a_softmax_regression_by_hand():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4, bias=False)
+    x = torch.randn(10, 3)
+    fisher = tv.fisher_diagonal(model, [(x[:6], None), (x[6:], None)], num_examples=10)
+    # d log p_c / dW = (e_c - p) x^T, so F = mean_x sum_c p_c ((e_c - p) x^T)^2.
+    p = torch.softmax(x @ model.weight.detach().T, -1)
+    expected = torch.zeros(4, 3)
+    for n in range(10):
+        for c in range(4):
+            e = torch.nn.functional.one_hot(torch.tensor(c), 4).float()
+            expected += p[n, c] * torch.outer(e - p[n], x[n]).square()
+    torch.testing.assert_close(fisher["weight"], expected / 10)
+
+
+def test_input_grams_are_the_design_matrices_of_linear_and_conv_layers():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1, bias=False), torch.nn.Flatten(),
+                                torch.nn.Linear(3 * 4 * 4, 5))
+    x = torch.randn(6, 2, 4, 4)
+    grams = tv.input_grams(model, [(x, None)], num_examples=6)
+    patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 18).double()
+    torch.testing.assert_close(grams["0.weight"], patches.T @ patches / len(patches))
+    # The unfolded rows are the conv's design matrix: X W^T is the convolution's output.
+    out = (patches.float() @ model[0].weight.reshape(3, -1).T).reshape(6, 16, 3).permute(0, 2, 1).reshape(6, 3, 4, 4)
+    torch.testing.assert_close(out, model[0](x))
+    flat = model[1](model[0](x)).double()
+    torch.testing.assert_close(grams["2.weight"], flat.T @ flat / 6)
