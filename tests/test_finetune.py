@@ -118,3 +118,31 @@ def test_population_finetuned_from_a_shared_start_then_souped(tmp_path, pretrain
     assert [i["hparams"] for i in soup["ingredients"]] == [r["hparams"] for r in results]
     # Ingredients fine-tuned from one start stay in one basin: their uniform soup is a working classifier.
     assert methods["uniform"]["test_acc"] > 50
+
+
+def test_multitask_benchmark_fine_tunes_per_task_trains_the_joint_model_and_merges(tmp_path, pretrained):
+    """Tasks are a class subset and an input domain; every merge is scored with each task's own head."""
+    common = [f"pretrained_from={pretrained}", "search.mode=none", "train.epochs=1", "linear_probe.C=[1.0]",
+              f"init_cache={tmp_path / 'init'}"]
+    for name, task in (("lo", "dataset.classes=[0,1,2,3,4]"), ("rotated", "dataset.domain=rotated")):
+        _run(make_cfg("finetune", [*common, task], tmp_path / "ft" / name))
+    joint = make_cfg("finetune", [*common, "tasks=[{classes:[0,1,2,3,4]},{domain:rotated}]"], tmp_path / "joint")
+    _run(joint)
+    assert sorted(p.name for p in (tmp_path / "joint" / "checkpoints").glob("*.safetensors")) == \
+        ["task0.safetensors", "task1.safetensors"]
+    merges = "merge=[ensemble,uniform,greedy,task_arithmetic,ties,model_stock,fisher,regmean]"
+    _run(make_cfg("soup", [f"ingredients={tmp_path}/ft/*", merges, "merge.task_arithmetic.lam=[0.0,1.0]",
+                           "merge.fisher.num_examples=32", "merge.regmean.num_examples=32",
+                           f"multitask={tmp_path}/joint/checkpoints/task*.safetensors"], tmp_path / "soup"))
+    results = json.loads((tmp_path / "soup" / "results.json").read_text())
+    assert [t["name"] for t in results["tasks"]] == ["0-4", "rotated"]
+    rows = {r["method"]: r for r in results["methods"]}
+    assert list(rows) == ["fine-tuned", "pretrained", "multi-task model", "ensemble", "uniform", "greedy",
+                          "task_arithmetic", "ties", "model_stock", "fisher", "regmean"]
+    for row in rows.values():
+        assert 0 <= row["0-4"] <= 100 and 0 <= row["rotated"] <= 100
+        assert row["test_acc"] == pytest.approx((row["0-4"] + row["rotated"]) / 2)
+    assert rows["fine-tuned"]["0-4"] > 80 and rows["multi-task model"]["0-4"] > 80
+    # lambda = 0 is the pretrained backbone: its validation score is the pretrained row's.
+    curve = {c["params"]["lam"]: c["val_score"] for c in rows["task_arithmetic"]["curve"]}
+    assert curve[0.0] == pytest.approx(rows["pretrained"]["val_acc"])

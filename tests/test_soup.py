@@ -348,3 +348,33 @@ def test_cli_error_is_one_line_with_exit_status_2(tmp_path):
     proc = run_script("soup.py", f"ingredients={tmp_path}/none/*", f"hydra.run.dir={tmp_path}/run", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: no checkpoint") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_merging_identical_task_vectors_returns_that_fine_tuned_model_on_every_task(tmp_path):
+    """Four tasks whose fine-tuned models share one backbone (heads differ): every merge of the backbones, with
+    its hyperparameters fixed where the identity needs them, scores exactly like the fine-tuned models."""
+    torch.manual_seed(0)
+    model_cfg = {"_target_": "mergelab.models.MLPNet", "hidden": [32]}
+    pretrained = build_model(model_cfg, 10, 1, 8).state_dict()
+    tuned = {k: v + 0.5 * torch.randn_like(v) for k, v in pretrained.items()}
+    meta = {"model": model_cfg, "in_channels": 1, "image_size": 8, "seed": 0, "split_seed": 0, "task": "finetune"}
+    save_checkpoint(tmp_path / "pretrained.safetensors", pretrained, {**meta, "num_classes": 10,
+                    "dataset": {"name": "digits", "classes": list(range(10))}})
+    tasks = [([0, 1, 2, 3, 4], None), ([5, 6, 7, 8, 9], None), (list(range(10)), "rotated"), (list(range(10)), "inverted")]
+    for i, (classes, domain) in enumerate(tasks):
+        state = {**tuned, "classifier.weight": torch.randn(len(classes), 32), "classifier.bias": torch.randn(len(classes))}
+        dataset = {"name": "digits", "classes": classes, **({"domain": domain} if domain else {})}
+        save_checkpoint(tmp_path / "pop" / f"{i}.safetensors", state, {**meta, "num_classes": len(classes),
+                        "dataset": dataset, "init": str(tmp_path / "pretrained.safetensors")})
+    merges = ["merge=[uniform,task_arithmetic,ties,dare,model_stock,fisher,regmean]", "merge.task_arithmetic.lam=0.25",
+              "merge.ties.k=1.0", "merge.ties.lam=1.0", "merge.dare.p=0.0", "merge.dare.lam=0.25",
+              "merge.fisher.num_examples=16", "merge.regmean.num_examples=16", "merge.regmean.alpha=0.5"]
+    results, _ = soup_results(tmp_path, f"{tmp_path}/pop/*", *merges)
+    rows = {r["method"]: r for r in results["methods"]}
+    names = [t["name"] for t in results["tasks"]]
+    assert names == ["0-4", "5-9", "rotated", "inverted"]
+    assert "joint_test_acc" in rows["fine-tuned"]
+    for method in ("uniform", "task_arithmetic", "ties", "dare", "model_stock", "fisher", "regmean"):
+        for name in (*names, "val_acc", "joint_test_acc"):
+            assert rows[method][name] == pytest.approx(rows["fine-tuned"][name], abs=1e-9), (method, name)
+    assert rows["pretrained"]["val_acc"] != rows["fine-tuned"]["val_acc"]  # the identity is not trivial
