@@ -172,27 +172,33 @@ class WeightReader:
 
 
 class SafetensorsReader(WeightReader):
-    """One safetensors file, kept open: tensors are copied out of the memory-mapped file on request only."""
+    """One safetensors file. Each :meth:`get` maps the file, copies one tensor out and unmaps it again: pages of a
+    mapping that stays open count in the process's resident memory once touched, so a merge of N files kept open
+    would grow to N models however it streamed (measured by bench/stream_memory.py)."""
 
     def __init__(self, path: Path):
         super().__init__()
         self.path = path
         try:
-            self.handle = safe_open(str(path), framework="pt")
-            raw = (self.handle.metadata() or {}).get(META_KEY)
-            self.meta = json.loads(raw) if raw else {}
-            self._keys = list(self.handle.keys())
+            with safe_open(str(path), framework="pt") as handle:
+                raw = (handle.metadata() or {}).get(META_KEY)
+                self.meta = json.loads(raw) if raw else {}
+                self.shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
         except (SafetensorError, OSError, json.JSONDecodeError) as exc:
             raise UserError(f"corrupt checkpoint {path} ({exc}); delete it or point to another file") from None
 
     def file_keys(self) -> list[str]:
-        return self._keys
+        return list(self.shapes)
 
     def file_shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.handle.get_slice(key).get_shape())
+        return self.shapes[key]
 
     def file_get(self, key: str) -> torch.Tensor:
-        return self.handle.get_tensor(key)
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                return handle.get_tensor(key)
+        except (SafetensorError, OSError) as exc:
+            raise UserError(f"corrupt checkpoint {self.path} ({exc}); delete it or point to another file") from None
 
 
 class ShardedReader(WeightReader):
