@@ -1,4 +1,4 @@
-"""Greedy soup with a running sum against the naive greedy soup, and the streaming uniform soup's peak memory.
+"""Greedy soup with a running sum against the naive greedy soup.
 
 One run measures, on the same 16 checkpoints (MLPs fine-tuned on digits from one shared start, ~34 MB each,
 written to a temporary folder):
@@ -10,7 +10,7 @@ both scoring candidates by validation cross-entropy on digits (a real forward pa
 ``load_checkpoint`` (from the page cache: the files were just written), and both must select the same ingredients.
 Reported: the median over ``--repeats`` fresh processes of the time ratio naive / running sum, in total and without
 the (identical) scoring time, the number of file reads, and the peak memory of each.
-- the uniform soup streamed over 4 and over 16 checkpoints: peak memory of each and their ratio.
+The streamed merges' memory for 4 vs 16 ingredients is bench/stream_memory.py's.
 
 Peak memory is the largest growth of the resident set size during the job over its size at the start, sampled
 every millisecond from /proc/self/statm by a thread, in a fresh subprocess per measurement (``ru_maxrss`` would be
@@ -163,12 +163,6 @@ def running_greedy(read: Reader, order: list[int], score) -> list[int]:
 def _measure(job: str, paths: list[str], hidden: int, queue) -> None:
     """In a fresh process: run one job, report (seconds, scoring seconds, peak-memory growth in MB, result)."""
     paths = [Path(p) for p in paths]
-    if job == "uniform":
-        start = time.perf_counter()
-        with PeakRSS() as memory:
-            soups.uniform_soup(load_checkpoint(p)[0] for p in paths)
-        queue.put((time.perf_counter() - start, 0.0, memory.growth, [], len(paths)))
-        return
     score = Scorer(hidden)
     score(MLPNet(num_classes=10, in_channels=1, image_size=8, hidden=[hidden] * 3).state_dict())  # warm up
     score.seconds = 0.0
@@ -214,8 +208,6 @@ def main() -> None:
         fast = repeated("running", paths, args.hidden, args.repeats)
         if naive["selected"] != fast["selected"]:
             raise SystemExit(f"the two greedy soups disagree: {naive['selected']} vs {fast['selected']}")
-        few_mb = measure("uniform", paths[:4], args.hidden)[2]
-        all_mb = measure("uniform", paths, args.hidden)[2]
     print(f"{args.ingredients} checkpoints of {size_mb:.1f} MB; greedy selects {len(fast['selected'])}: "
           f"{fast['selected']}; median of {args.repeats} runs each")
     for name, run in (("naive (reload + re-average each step)", naive), ("running sum (each file read once)    ", fast)):
@@ -223,8 +215,6 @@ def main() -> None:
               f"({run['scoring']:.2f} s scoring), {run['reads']:3d} file reads, peak +{run['peak']:7.1f} MB")
     print(f"speed-up naive / running sum: {naive['total'] / fast['total']:.1f}x in total, "
           f"{naive['merge'] / fast['merge']:.1f}x without scoring (target >= 3x)")
-    print(f"uniform soup peak: 4 ingredients +{few_mb:.1f} MB, {args.ingredients} ingredients +{all_mb:.1f} MB; "
-          f"ratio {all_mb / max(few_mb, 1e-9):.2f} (target <= 1.5)")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def soup_table(rows: list[dict], tasks: list[str], joint: bool) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [LABELS.get(row["method"], row["method"]), *(cell(row.get(t)) for t in tasks), cell(row["test_acc"]),
-                 cell(row["val_acc"]), *([cell(row.get("joint_test_acc"))] if joint else []), params(row)]
+                 cell(row["val_acc"]), *([cell(row.get("test_joint_acc"))] if joint else []), params(row)]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -56,7 +56,7 @@ def main() -> None:
             continue
         rows.append({"method": f"zip.py: {row['method']}", pair_tasks[0]: row["test_task0_acc"],
                      pair_tasks[1]: row["test_task1_acc"], "test_acc": row["test_avg_task_acc"],
-                     "val_acc": row["val_avg_task_acc"], "joint_test_acc": row["test_joint_acc"]})
+                     "val_acc": row["val_avg_task_acc"], "test_joint_acc": row["test_joint_acc"]})
     print("\n".join(soup_table(rows, pair_tasks, True)))
 
 

@@ -373,8 +373,8 @@ def test_merging_identical_task_vectors_returns_that_fine_tuned_model_on_every_t
     rows = {r["method"]: r for r in results["methods"]}
     names = [t["name"] for t in results["tasks"]]
     assert names == ["0-4", "5-9", "rotated", "inverted"]
-    assert "joint_test_acc" in rows["fine-tuned"]
+    assert "test_joint_acc" in rows["fine-tuned"]
     for method in ("uniform", "task_arithmetic", "ties", "dare", "model_stock", "fisher", "regmean"):
-        for name in (*names, "val_acc", "joint_test_acc"):
+        for name in (*names, "val_acc", "test_joint_acc"):
             assert rows[method][name] == pytest.approx(rows["fine-tuned"][name], abs=1e-9), (method, name)
     assert rows["pretrained"]["val_acc"] != rows["fine-tuned"]["val_acc"]  # the identity is not trivial

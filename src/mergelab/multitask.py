@@ -120,7 +120,7 @@ class MultiTaskScorer:
         row["val_acc"] = sum(v["val"] for v in per_task.values()) / len(per_task)
         row["test_acc"] = sum(v["test"] for v in per_task.values()) / len(per_task)
         if self.joint and len(joint.get("joint_test", [])) == len(self.joint[0]):
-            row["joint_test_acc"] = self.joint_accuracy(joint["joint_test"], "test")
+            row["test_joint_acc"] = self.joint_accuracy(joint["joint_test"], "test")
         row["per_task"] = per_task
         return {**row, **(extra or {})}
 
@@ -292,10 +292,10 @@ class MultiTaskStudy:
             metrics[f"{row['method']}/test_acc"] = row["test_acc"]
             for name, accs in row["per_task"].items():
                 metrics[f"{row['method']}/{name}/test_acc"] = accs["test"]
-            if "joint_test_acc" in row:
-                metrics[f"{row['method']}/joint_test_acc"] = row["joint_test_acc"]
+            if "test_joint_acc" in row:
+                metrics[f"{row['method']}/test_joint_acc"] = row["test_joint_acc"]
         columns = ["method", "n_ingredients", "forward_passes", *[t.name for t in self.scorer.tasks], "val_acc",
-                   "test_acc", *(["joint_test_acc"] if self.scorer.joint else []), "time_s"]
+                   "test_acc", *(["test_joint_acc"] if self.scorer.joint else []), "time_s"]
         table = [{c: row.get(c) for c in columns} for row in self.rows]
         for note in self.notes:
             print(note)

@@ -173,7 +173,8 @@ def foreign_meta(path: Path, cfg: DictConfig | None) -> dict:
     data = _geometry(cfg.dataset)
     return {"model": OmegaConf.to_container(model_cfg, resolve=True), "num_classes": data["num_classes"],
             "in_channels": data["in_channels"], "image_size": data["image_size"],
-            "dataset": {"name": data["name"], "classes": data["classes"]}, "foreign": True}
+            "dataset": {"name": data["name"], "classes": data["classes"]}, "foreign": True,
+            "seed": int(cfg.get("seed", 0))}  # unknown: the run's own seed stands for the split it was trained with
 
 
 _GEOMETRY: dict[str, dict] = {}
