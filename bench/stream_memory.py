@@ -102,7 +102,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(dir=".") as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         pretrained, paths = write_population(Path(tmp), args.ingredients, args.hidden, args.layers)
         size_mb = pretrained.stat().st_size / 2**20
         print(f"model: {size_mb:.0f} MB per checkpoint ({args.layers} x {args.hidden} MLPNet, float32); "
