@@ -6,9 +6,11 @@ plus seeded noise), every file a mergelab safetensors checkpoint. Then, for 4 an
 uniform soup, task arithmetic and TIES exactly as soup.py does (``open_population`` + ``merge_state``, reading one
 tensor at a time from the memory-mapped files), each in a fresh process (``spawn``), ``--repeats`` times.
 
-Reported per case: the peak resident set of the child (``ru_maxrss``: includes importing torch, about 0.5 GB here),
-the peak growth of the resident set during the merge alone (sampled every millisecond from /proc/self/statm), and
-the median time; then the ratio 16 / 4 of the peak resident set (target <= 1.1) and of the merge's growth.
+Reported per case: the child's peak resident set (sampled every millisecond from /proc/self/statm; it includes
+importing torch, about 0.5 GB here), its growth during the merge alone, and the median time; then the ratio 16 / 4
+of the peak resident set (target <= 1.1) and of the merge's growth. The population is written by another child so
+that the measuring processes start from a small parent (``ru_maxrss`` of a forked child starts at its parent's
+resident set, which is why it is not used).
 
     python bench/stream_memory.py [--ingredients 16] [--hidden 2048] [--layers 20] [--repeats 2]
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import multiprocessing as mp
-import resource
 import statistics
 import tempfile
 import time
@@ -77,21 +78,27 @@ def _child(method: str, paths: list[str], pretrained: str, queue) -> None:
                                     tv.key_merger(method, METHODS[method], base=base.tensor))
     seconds = time.perf_counter() - start
     size = sum(t.numel() * t.element_size() for t in merged.values()) / 2**20
-    queue.put({"seconds": seconds, "growth_mb": memory.growth, "maxrss_mb": _maxrss_mb(), "model_mb": size})
+    queue.put({"seconds": seconds, "growth_mb": memory.growth, "peak_mb": memory.peak, "model_mb": size})
 
 
-def _maxrss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+def _write(folder: str, n: int, hidden: int, layers: int, queue) -> None:
+    pretrained, paths = write_population(Path(folder), n, hidden, layers)
+    queue.put((str(pretrained), [str(p) for p in paths]))
 
 
-def measure(method: str, paths: list[Path], pretrained: Path) -> dict:
+def in_child(target, *args):
+    """``target(*args, queue)`` in a fresh process; returns what it put on the queue."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    process = ctx.Process(target=_child, args=(method, [str(p) for p in paths], str(pretrained), queue))
+    process = ctx.Process(target=target, args=(*args, queue))
     process.start()
     out = queue.get()
     process.join()
     return out
+
+
+def measure(method: str, paths: list[Path], pretrained: Path) -> dict:
+    return in_child(_child, method, [str(p) for p in paths], str(pretrained))
 
 
 def main() -> None:
@@ -103,7 +110,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        pretrained, paths = write_population(Path(tmp), args.ingredients, args.hidden, args.layers)
+        pretrained, paths = in_child(_write, tmp, args.ingredients, args.hidden, args.layers)
+        pretrained, paths = Path(pretrained), [Path(p) for p in paths]
         size_mb = pretrained.stat().st_size / 2**20
         print(f"model: {size_mb:.0f} MB per checkpoint ({args.layers} x {args.hidden} MLPNet, float32); "
               f"median time / largest peak of {args.repeats} fresh processes per case; machine shared (2 cores)")
@@ -112,7 +120,7 @@ def main() -> None:
             rows = {}
             for n in (args.few, args.ingredients):
                 runs = [measure(method, paths[:n], pretrained) for _ in range(args.repeats)]
-                rows[n] = {"maxrss": max(r["maxrss_mb"] for r in runs), "growth": max(r["growth_mb"] for r in runs),
+                rows[n] = {"maxrss": max(r["peak_mb"] for r in runs), "growth": max(r["growth_mb"] for r in runs),
                            "seconds": statistics.median(r["seconds"] for r in runs)}
                 print(f"{method:16s} {n:3d} {rows[n]['maxrss']:12.0f} {rows[n]['growth']:16.0f} "
                       f"{rows[n]['seconds']:8.2f}")

@@ -66,11 +66,12 @@ def _vectors(base: torch.Tensor, tuned: Sequence[torch.Tensor]) -> Iterable[torc
 
 
 def task_arithmetic(base: torch.Tensor, tuned: Sequence[torch.Tensor], lam: float) -> torch.Tensor:
-    """``theta_0 + lambda * sum_i tau_i`` (Ilharco et al. 2023)."""
-    total = torch.zeros_like(_f32(base))
-    for tau in _vectors(base, tuned):
-        total += tau
-    return (_f32(base) + lam * total).to(base.dtype)
+    """``theta_0 + lambda * sum_i tau_i`` (Ilharco et al. 2023), accumulated in place (no tensor per model)."""
+    base32 = _f32(base)
+    total = torch.zeros_like(base32)
+    for i in range(len(tuned)):
+        total.add_(tuned[i]).sub_(base32)
+    return total.mul_(lam).add_(base32).to(base.dtype)
 
 
 def trim(tau: torch.Tensor, k: float) -> torch.Tensor:
@@ -211,11 +212,14 @@ def regmean(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor], alph
 
 # --------------------------------------------------------------------------------------------- the streaming merge
 def mean(tuned: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``(1/N) sum_i theta_i`` by a running sum (float32 or wider), in the first tensor's dtype."""
-    total = _f32(tuned[0]).clone()
+    """``(1/N) sum_i theta_i`` by a running sum in place (float32 or wider), in the first tensor's dtype."""
+    first = tuned[0]
+    total = first.to(torch.promote_types(first.dtype, torch.float32), copy=True)
+    dtype = first.dtype
+    del first
     for i in range(1, len(tuned)):
-        total += _f32(tuned[i])
-    return (total / len(tuned)).to(tuned[0].dtype)
+        total.add_(tuned[i])
+    return total.div_(len(tuned)).to(dtype)
 
 
 def merge_state(keys: Sequence[str], read: Callable[[int, str], torch.Tensor], count: int,
@@ -229,8 +233,11 @@ def merge_state(keys: Sequence[str], read: Callable[[int, str], torch.Tensor], c
     result = {}
     for key in keys:
         first = read(0, key)
-        result[key] = merge(key, LazyTensors(read, count, key)) if first.is_floating_point() else first
-        del first
+        if first.is_floating_point():
+            del first  # read again by the merge: holding it would add a tensor to the peak
+            result[key] = merge(key, LazyTensors(read, count, key))
+        else:
+            result[key] = first
     return result
 
 
