@@ -21,15 +21,11 @@ from torch import nn
 
 from mergelab.data import Data, build_data
 from mergelab.errors import UserError
-from mergelab.evaluation import has_batchnorm, predict
+from mergelab.evaluation import has_batchnorm, predict, recompute_bn
 from mergelab.merging import soups
 from mergelab.merging import task_vectors as tv
+from mergelab.metrics import metric_key
 from mergelab.population import model_from_meta, open_population
-
-try:  # the project's one name for it; older trees call it recalibrate_bn
-    from mergelab.evaluation import recompute_bn
-except ImportError:  # pragma: no cover
-    from mergelab.evaluation import recalibrate_bn as recompute_bn
 
 State = dict[str, torch.Tensor]
 
@@ -184,7 +180,7 @@ class MultiTaskStudy:
         model = model_from_meta(population.metas[0], population.paths[0])
         tasks, joint = build_tasks(population, self.cfg.dataset, seed, int(self.cfg.eval_batch_size), ctx.device,
                                    model.classifier_name + ".")
-        self.scorer = MultiTaskScorer(model, tasks, joint, self.cfg.bn == "recalibrate", ctx.device)
+        self.scorer = MultiTaskScorer(model, tasks, joint, bool(self.cfg.recompute_bn), ctx.device)
         self.keys = self.scorer.backbone_keys(population.keys())
         self.rows: list[dict] = []
         self.notes: list[str] = []
@@ -288,12 +284,12 @@ class MultiTaskStudy:
     def results(self) -> dict:
         metrics = {}
         for row in self.rows:
-            metrics[f"{row['method']}/val_acc"] = row["val_acc"]
-            metrics[f"{row['method']}/test_acc"] = row["test_acc"]
-            for name, accs in row["per_task"].items():
-                metrics[f"{row['method']}/{name}/test_acc"] = accs["test"]
+            metrics[metric_key(row["method"], "val", "acc")] = row["val_acc"]
+            metrics[metric_key(row["method"], "test", "acc")] = row["test_acc"]
+            for name, accs in row["per_task"].items():  # per task: <method>/<task>/test_acc
+                metrics[metric_key(f"{row['method']}/{name}", "test", "acc")] = accs["test"]
             if "test_joint_acc" in row:
-                metrics[f"{row['method']}/test_joint_acc"] = row["test_joint_acc"]
+                metrics[metric_key(row["method"], "test", "joint_acc")] = row["test_joint_acc"]
         columns = ["method", "n_ingredients", "forward_passes", *[t.name for t in self.scorer.tasks], "val_acc",
                    "test_acc", *(["test_joint_acc"] if self.scorer.joint else []), "time_s"]
         table = [{c: row.get(c) for c in columns} for row in self.rows]
