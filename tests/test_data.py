@@ -331,3 +331,19 @@ def test_images_take_keeps_paths_and_labels():
     split = Images(["a.png", "b.png", "c.png"], torch.tensor([2, 0, 1]))
     taken = split.take(torch.tensor([2, 0]))
     assert taken.images == ["c.png", "a.png"] and taken.labels.tolist() == [1, 2]
+
+
+def test_input_domains_are_exact_transforms_normalised_like_the_plain_images():
+    plain = build(classes=[3, 7])
+    x, y = next(iter(plain.test))
+    mean, std = plain.test.mean.view(1, -1, 1, 1), plain.test.std.view(1, -1, 1, 1)
+    rotated = build(classes=[3, 7], domain="rotated")
+    xr, yr = next(iter(rotated.test))
+    assert yr.equal(y) and rotated.domain == "rotated" and plain.domain is None
+    torch.testing.assert_close(xr, torch.rot90(x, 1, dims=(-2, -1)))  # per-channel normalisation commutes
+    xi, _ = next(iter(build(classes=[3, 7], domain="inverted").test))
+    torch.testing.assert_close(xi * std + mean, 1 - (x * std + mean))  # 1 - x on the 0..1 scale
+    xb, _ = next(iter(build(classes=[3, 7], domain="blurred").test))
+    assert xb.shape == x.shape and (xb.var() < x.var())  # smoothing lowers the pixel variance
+    with pytest.raises(UserError, match="dataset.domain=sheared is not one of rotated, inverted, blurred"):
+        build(domain="sheared")

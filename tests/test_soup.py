@@ -378,3 +378,23 @@ def test_merging_identical_task_vectors_returns_that_fine_tuned_model_on_every_t
         for name in (*names, "val_acc", "test_joint_acc"):
             assert rows[method][name] == pytest.approx(rows["fine-tuned"][name], abs=1e-9), (method, name)
     assert rows["pretrained"]["val_acc"] != rows["fine-tuned"]["val_acc"]  # the identity is not trivial
+
+
+def test_task_arithmetic_at_one_over_n_is_the_uniform_soup_and_the_grid_is_chosen_on_validation(tmp_path, trained_mlp):
+    paths = make_population(tmp_path / "pop", 3, base=trained_mlp, noise=0.05)
+    pretrained = save_checkpoint(tmp_path / "pretrained.safetensors", trained_mlp, load_checkpoint(paths[0])[1])
+    results, out = soup_results(tmp_path, f"{tmp_path}/pop/*", "merge=[uniform,task_arithmetic,ties]",
+                                f"pretrained={pretrained}", "merge.task_arithmetic.lam=[0.3333333333333333,0.0]",
+                                "merge.ties.k=[0.2,1.0]", "merge.ties.lam=1.0")
+    uniform = load_checkpoint(out / "checkpoints" / "uniform.safetensors")[0]
+    arithmetic = load_checkpoint(out / "checkpoints" / "task_arithmetic.safetensors")[0]
+    methods = {m["method"]: m for m in results["methods"]}
+    curve = methods["task_arithmetic"]["curve"]
+    chosen = max(curve, key=lambda c: c["val_score"])  # the first of the best on validation
+    assert methods["task_arithmetic"]["params"] == chosen["params"]
+    if chosen["params"]["lam"] > 0:  # theta_0 + (1/N) sum_i (theta_i - theta_0) is the mean of the theta_i
+        assert_states_close(arithmetic, uniform)
+    else:
+        assert_states_close(arithmetic, trained_mlp)
+    assert [c["params"] for c in methods["ties"]["curve"]] == [{"k": 0.2, "lam": 1.0}, {"k": 1.0, "lam": 1.0}]
+    assert results["metrics"]["ties/val_acc"] == methods["ties"]["val_acc"]
