@@ -181,7 +181,7 @@ class Population:
 
     def check_dataset(self, data) -> None:
         """The soup's data set must be the one the ingredients were trained on (same name, same classes)."""
-        mine = {"name": data.name, "classes": list(data.classes)}
+        mine = {"name": data.name, "classes": list(data.classes), **({"domain": data.domain} if data.domain else {})}
         for path, meta in zip(self.paths, self.metas):
             theirs = meta.get("dataset")
             if theirs is not None and theirs != mine:
