@@ -88,6 +88,10 @@ def test_pickled_objects_are_not_loaded(tmp_path):
     with pytest.raises(UserError, match="holds objects other than tensors, so it was not loaded") as info:
         read_weights(tmp_path / "module.pt")
     assert "\n" not in str(info.value) and "weights_only=False" not in str(info.value)
+    (tmp_path / "garbage.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match=r"cannot read weights file .*garbage.pt \(Unsupported operand") as info:
+        read_weights(tmp_path / "garbage.pt")
+    assert "\n" not in str(info.value) and "weights_only" not in str(info.value)
     torch.save({"lr": 0.1, "steps": [1, 2]}, tmp_path / "numbers.pt")  # weights-only, but no tensors
     with pytest.raises(UserError, match="does not hold a state dict"):
         read_weights(tmp_path / "numbers.pt")

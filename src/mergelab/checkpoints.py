@@ -261,12 +261,16 @@ def read_torch_state(path: Path) -> dict[str, torch.Tensor]:
             if "mmap" not in str(exc):  # legacy (non-zip) files cannot be memory-mapped
                 raise
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds objects other than tensors, so it was not loaded (only weights-only state "
-                        "dicts are read); save its state_dict() alone, or as safetensors") from None
-    except (OSError, RuntimeError, EOFError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read {path} ({first}); is it a torch state dict?") from None
+    except (pickle.UnpicklingError, OSError, RuntimeError, EOFError, ValueError) as exc:
+        # torch's own messages run over many lines and advise weights_only=False, which would run the file's code:
+        # say in one line what the file holds instead.
+        text = str(exc).strip()
+        if "Unsupported global" in text:
+            raise UserError(f"{path} holds objects other than tensors, so it was not loaded (only weights-only state "
+                            "dicts are read); save its state_dict() alone, or as safetensors") from None
+        detail = text.split("WeightsUnpickler error:")[-1].strip()
+        first = detail.splitlines()[0] if detail else type(exc).__name__
+        raise UserError(f"cannot read weights file {path} ({first}); is it a torch state dict?") from None
     for key in NESTED_KEYS:
         if isinstance(obj, Mapping) and isinstance(obj.get(key), Mapping) and _tensors_only(obj[key]):
             obj = obj[key]
