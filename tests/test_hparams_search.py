@@ -14,7 +14,7 @@ from mergelab.runner import _run
 from mergelab.tuning import directions_of, search_space
 
 # The entry script each search space is for, and what it needs besides the space.
-SCRIPTS = {"train": "tune", "zip": "zip", "zip_pareto": "zip", "ot": "fuse"}
+SCRIPTS = {"train": "tune", "zip": "zip", "zip_pareto": "zip", "ot": "fuse", "ties": "soup"}
 SMALL_MLP = ["model=mlpnet", "model.hidden=[32,24,16]", "train.epochs=2", "train.batch_size=32"]
 
 
@@ -53,7 +53,9 @@ def test_search_space_objectives_are_metrics_of_its_task(space, populations, tmp
     distributions, _ = search_space([f"{key}={value}" for key, value in params.items()])
     point = [f"{key}={one_point(d)}" for key, d in distributions.items()]
     inputs = {"tune": ["model=mlpnet", "train.epochs=1"], "fuse": [f"models={populations}/all/*", "barrier.points=2"],
-              "zip": [f"models={populations}/tasks/*", "merge.num_samples=64"]}[script]
+              "zip": [f"models={populations}/tasks/*", "merge.num_samples=64"],
+              "soup": [f"ingredients={populations}/all/*",
+                       f"pretrained={populations}/all/m0/checkpoints/last.safetensors"]}[script]
     cfg = make_cfg(script, [*selection, *inputs, *point], tmp_path)
     values = _run(cfg)  # raises UserError when an objective is not a metric of the run
     values = [values] if isinstance(cfg.objective, str) else values
