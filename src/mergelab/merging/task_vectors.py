@@ -74,16 +74,24 @@ def task_arithmetic(base: torch.Tensor, tuned: Sequence[torch.Tensor], lam: floa
     return total.mul_(lam).add_(base32).to(base.dtype)
 
 
-def trim(tau: torch.Tensor, k: float) -> torch.Tensor:
-    """TIES step 1: keep the ``ceil(k * numel)`` largest magnitudes of ``tau`` (``0 < k <= 1``), zero the rest."""
+def trim_threshold(tau: torch.Tensor, k: float) -> torch.Tensor | None:
+    """The smallest magnitude TIES keeps in ``tau``: the ``ceil(k * numel)``-th largest (None: keep everything)."""
     if not 0 < k <= 1:
         raise ValueError(f"TIES keeps a fraction k in (0, 1], got {k}")
     keep = math.ceil(k * tau.numel())
     if keep >= tau.numel():
-        return tau
+        return None
     flat = tau.abs().flatten()
-    threshold = flat.kthvalue(flat.numel() - keep + 1).values
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+    return flat.kthvalue(flat.numel() - keep + 1).values
+
+
+def _keep(tau: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+    return tau if threshold is None else torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
+
+
+def trim(tau: torch.Tensor, k: float) -> torch.Tensor:
+    """TIES step 1: keep the ``ceil(k * numel)`` largest magnitudes of ``tau`` (``0 < k <= 1``), zero the rest."""
+    return _keep(tau, trim_threshold(tau, k))
 
 
 def _disjoint_merge(base: torch.Tensor, sparse: Callable[[], Iterable[torch.Tensor]]) -> torch.Tensor:
@@ -103,7 +111,15 @@ def _disjoint_merge(base: torch.Tensor, sparse: Callable[[], Iterable[torch.Tens
 
 def ties(base: torch.Tensor, tuned: Sequence[torch.Tensor], k: float, lam: float) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023, Algorithm 1): trim to top-k%, elect sign, disjoint mean, scale by lambda."""
-    merged = _disjoint_merge(base, lambda: (trim(tau, k) for tau in _vectors(base, tuned)))
+    thresholds: dict[int, torch.Tensor | None] = {}  # ranked once per model: the second pass reuses them
+
+    def trimmed() -> Iterable[torch.Tensor]:
+        for i, tau in enumerate(_vectors(base, tuned)):
+            if i not in thresholds:
+                thresholds[i] = trim_threshold(tau, k)
+            yield _keep(tau, thresholds[i])
+
+    merged = _disjoint_merge(base, trimmed)
     return (_f32(base) + lam * merged).to(base.dtype)
 
 
