@@ -74,18 +74,19 @@ def task_arithmetic(base: torch.Tensor, tuned: Sequence[torch.Tensor], lam: floa
     return total.mul_(lam).add_(base32).to(base.dtype)
 
 
-def trim_threshold(tau: torch.Tensor, k: float) -> torch.Tensor | None:
-    """The smallest magnitude TIES keeps in ``tau``: the ``ceil(k * numel)``-th largest (None: keep everything)."""
+def trim_threshold(tau: torch.Tensor, k: float) -> float | None:
+    """The smallest magnitude TIES keeps in ``tau``: the ``ceil(k * numel)``-th largest (None: keep everything).
+    A Python number: ``kthvalue``'s result tensor keeps its whole workspace alive, one tensor per model."""
     if not 0 < k <= 1:
         raise ValueError(f"TIES keeps a fraction k in (0, 1], got {k}")
     keep = math.ceil(k * tau.numel())
     if keep >= tau.numel():
         return None
     flat = tau.abs().flatten()
-    return flat.kthvalue(flat.numel() - keep + 1).values
+    return flat.kthvalue(flat.numel() - keep + 1).values.item()
 
 
-def _keep(tau: torch.Tensor, threshold: torch.Tensor | None) -> torch.Tensor:
+def _keep(tau: torch.Tensor, threshold: float | None) -> torch.Tensor:
     return tau if threshold is None else torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
 
 
@@ -111,7 +112,7 @@ def _disjoint_merge(base: torch.Tensor, sparse: Callable[[], Iterable[torch.Tens
 
 def ties(base: torch.Tensor, tuned: Sequence[torch.Tensor], k: float, lam: float) -> torch.Tensor:
     """TIES-Merging (Yadav et al. 2023, Algorithm 1): trim to top-k%, elect sign, disjoint mean, scale by lambda."""
-    thresholds: dict[int, torch.Tensor | None] = {}  # ranked once per model: the second pass reuses them
+    thresholds: dict[int, float | None] = {}  # ranked once per model: the second pass reuses them
 
     def trimmed() -> Iterable[torch.Tensor]:
         for i, tau in enumerate(_vectors(base, tuned)):
