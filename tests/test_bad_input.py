@@ -151,7 +151,7 @@ def test_command_line_errors_are_one_line_with_exit_2(sweep, cli, tmp_path):
     one_line_exit_2(cli("fuse", models, "retrain.epochs=-1", out), "retrain.epochs=-1 must be a whole number >= 0")
     # What Hydra itself refuses while composing the command line.
     one_line_exit_2(cli("fuse", models, "merge=nope", out),
-                    "Could not find 'merge/nope'; choose one of: average, ensemble")
+                    "Could not find 'merge/nope'; choose one of: average, dare, ensemble")
     one_line_exit_2(cli("fuse", models, "merge.nope=1", out), "Could not override 'merge.nope'")
     one_line_exit_2(cli("fuse", "models=[a=b]", out), "cannot parse the command line")
     one_line_exit_2(cli("fuse", out), "models is required")
