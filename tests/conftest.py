@@ -40,3 +40,26 @@ def run_script(script: str, *args: str, cwd: Path = ROOT, check: bool = True) ->
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda name, overrides=(): make_cfg(name, list(overrides), tmp_path)
+
+
+def run_interrupted_then_resumed(overrides: list[str], run_dir: Path) -> None:
+    """Train ``overrides`` in ``run_dir``, killed (KeyboardInterrupt) right after epoch 1's checkpoint, then resumed
+    in a process-like fresh RNG state: what an exact resume must turn into the uninterrupted run."""
+    import mergelab.training as training
+    from mergelab.runner import _run
+
+    original = training.Trainer._save_epoch
+
+    def crash_after_first_epoch(self, record):
+        original(self, record)
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+
+    training.Trainer._save_epoch = crash_after_first_epoch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(make_cfg("train", overrides, run_dir))
+    finally:
+        training.Trainer._save_epoch = original
+    torch.manual_seed(12345)  # a resumed process starts with another RNG state; the checkpoint must restore it
+    _run(make_cfg("train", [*overrides, "resume=true"], run_dir))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import make_cfg
+from conftest import make_cfg, run_interrupted_then_resumed
 from mergelab.checkpoints import load_checkpoint, read_meta
 from mergelab.ema import EMA
 from mergelab.errors import UserError
@@ -150,26 +150,10 @@ MLP = ["model=mlpnet", "train.batch_size=128", "dataset.max_train_samples=400"]
 
 
 def test_resume_with_snapshots_is_bit_identical(tmp_path):
-    import mergelab.training as training
-
     overrides = [*MLP, "train.epochs=3", *POSTHOC]  # 4 steps per epoch: a snapshot at every epoch's end, one mid
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     _run(make_cfg("train", overrides, straight))
-    original = training.Trainer._save_epoch
-
-    def crash_after_first_epoch(self, record):
-        original(self, record)
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-
-    training.Trainer._save_epoch = crash_after_first_epoch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            _run(make_cfg("train", overrides, interrupted))
-    finally:
-        training.Trainer._save_epoch = original
-    torch.manual_seed(12345)
-    _run(make_cfg("train", [*overrides, "resume=true"], interrupted))
+    run_interrupted_then_resumed(overrides, interrupted)
 
     snaps = sorted(p.name for p in (straight / "checkpoints" / "posthoc").glob("*.safetensors"))
     assert snaps == sorted(p.name for p in (interrupted / "checkpoints" / "posthoc").glob("*.safetensors"))

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import make_cfg, run_script
+from conftest import make_cfg, run_interrupted_then_resumed, run_script
 from mergelab.checkpoints import load_checkpoint
 from mergelab.errors import UserError
 from mergelab.runner import _run
@@ -48,23 +48,7 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     _run(make_cfg("train", overrides, straight))
 
     interrupted = tmp_path / "interrupted"
-    import mergelab.training as training
-
-    original = training.Trainer._save_epoch
-
-    def crash_after_first_epoch(self, record):
-        original(self, record)
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-
-    training.Trainer._save_epoch = crash_after_first_epoch
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            _run(make_cfg("train", overrides, interrupted))
-    finally:
-        training.Trainer._save_epoch = original
-    torch.manual_seed(12345)  # a resumed process starts with another RNG state; the checkpoint must restore it
-    _run(make_cfg("train", [*overrides, "resume=true"], interrupted))
+    run_interrupted_then_resumed(overrides, interrupted)
 
     for name in ("last", "ema0.9", "ema0.99"):
         a, _ = load_checkpoint(straight / "checkpoints" / f"{name}.safetensors")
