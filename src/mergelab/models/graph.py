@@ -8,13 +8,14 @@ data; so do we. A :class:`UnitGraph` holds
   outputs, the inputs of the layers that read them, the BatchNorm vectors between, and for a ResNet the whole
   residual stream of a stage (every block adds into it, so all of them share one permutation);
 - ``axes``: every state-dict key (parameters and buffers) -> the group acting on each of its axes, ``None`` where no
-  permutation acts (input pixels, logits, kernel positions, scalars);
+  permutation acts (input pixels, logits, kernel positions, scalars), or a tuple of groups where the axis is the
+  concatenation of their units (a fused attention projection's outputs are ``(qk, qk, vo)``);
+- ``blocks``: structured groups (:class:`Blocks`): attention heads, GroupNorm groups, depthwise channel multipliers;
 - ``layers``: the weight layers in forward order, for methods that align layer by layer (OT fusion) and for
   methods that read activations (``Layer.hook``, :attr:`UnitGraph.hooks`).
 
-Graphs are built from small fragments (:func:`linear`, :func:`conv`, :func:`norm`) joined by :func:`compose`; each
-fragment reads shapes and which parameters exist from the module itself, so a graph follows its model's config
-(bias on/off, BatchNorm on/off, width). A new architecture needs only its graph, written with these helpers.
+Graphs are derived from the model by tracing its forward computation (:mod:`mergelab.models.trace`), so a graph
+follows its model's config (bias on/off, BatchNorm on/off, width) and a new architecture needs no code.
 
 Permutation convention: ``perm[i]`` is the old index of new unit ``i`` (``new = old.index_select(axis, perm)``),
 so ``torch.argsort(perm)`` undoes it.
@@ -23,23 +24,42 @@ so ``torch.argsort(perm)`` undoes it.
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
-from torch import nn
 
 from mergelab.errors import UserError
 
 Group = str
+Axis = Group | None | tuple  # one group, no permutation, or the concatenation of several groups' units
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """A structured group: its ``n`` units are ``count`` consecutive blocks of ``n // count``; a valid permutation
+    moves blocks as wholes, block ``b`` to the place the permutation of group ``parent`` gives it (blocks stay in
+    place when ``parent`` is ``None``), and permutes the units inside each block freely (each block its own way).
+
+    Multi-head attention: the query/key group and the value/output group have ``count`` = heads and share one
+    ``parent`` (the heads group), so heads move together and, inside a head, query and key dimensions move jointly,
+    value and output dimensions jointly. GroupNorm: blocks are its groups (normalisation stays within each group).
+    Depthwise convolution with channel multiplier ``m``: blocks of ``m`` outputs, one per input channel, ``parent``
+    = the input channels' group.
+    """
+
+    parent: Group | None
+    count: int
 
 
 @dataclass(frozen=True)
 class Layer:
     """One weight layer of a unit graph.
 
-    ``name`` is its module path (``model.get_submodule(name)``); ``kind`` is ``"linear"``, ``"conv"`` or ``"bn"``
-    (any norm layer with per-channel vectors); ``keys`` are its state-dict keys, weight first. ``in_group`` and
+    ``name`` is its module path (``model.get_submodule(name)``); ``kind`` is ``"linear"``, ``"conv"`` (depthwise
+    too: then ``in_group == out_group``), ``"bn"`` (any norm layer with per-channel vectors) or ``"scale"`` (a
+    parameter used elementwise: layer scale, position embedding, class token; ``name`` is the module holding it);
+    ``keys`` are its state-dict keys, weight first. ``in_group`` and
     ``out_group`` are the groups of its input and output units (``None``: pixels, flattened input, or logits; a norm
     layer has ``in_group == out_group``). ``hook`` is the module whose forward output carries ``out_group`` as this
     layer's activations: the nonlinearity after the layer (and its norm), for a residual stream the block's
@@ -59,12 +79,24 @@ class UnitGraph:
     """Which weight axes carry the same hidden unit (see the module docstring)."""
 
     groups: dict[Group, int]
-    axes: dict[str, tuple[Group | None, ...]]
+    axes: dict[str, tuple[Axis, ...]]
     layers: tuple[Layer, ...]
+    blocks: dict[Group, Blocks] = field(default_factory=dict)
+    feature_dims: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def structured(self) -> bool:
+        """Whether some group has blocks or some axis is a concatenation: solvers must then keep the structure
+        (:mod:`mergelab.merging.structured`)."""
+        return bool(self.blocks) or any(isinstance(a, tuple) for axes in self.axes.values() for a in axes)
+
+    def feature_dim(self, module: str) -> int:
+        """The channel axis of hook ``module``'s output: 1 for N,C,H,W maps, the last for tokens and vectors."""
+        return self.feature_dims.get(module, 1)
 
     @property
     def hooks(self) -> dict[Group, tuple[str, ...]]:
-        """Group -> the modules whose outputs carry that group (channel dim 1), in forward order.
+        """Group -> the modules whose outputs carry that group (channel axis :meth:`feature_dim`), forward order.
 
         One module for an ordinary group; for a residual stream, every module writing into it (the stem's ReLU for
         the first stage, every block's post-addition ReLU), since ZipIt! matches a stream on features gathered
@@ -77,68 +109,93 @@ class UnitGraph:
         return {group: tuple(modules) for group, modules in hooks.items()}
 
     def members(self, group: Group) -> tuple[tuple[str, int], ...]:
-        """Every ``(key, axis)`` on which ``group`` acts."""
+        """Every ``(key, axis)`` on which ``group`` acts alone (concatenated axes: :meth:`slices`)."""
         return tuple((key, axis) for key, groups in self.axes.items()
                      for axis, g in enumerate(groups) if g == group)
 
+    def slices(self, group: Group) -> tuple[tuple[str, int, int], ...]:
+        """Every ``(key, axis, start)``: ``group``'s units are ``start:start + n`` of that axis (0 unless the axis
+        is a concatenation)."""
+        out = []
+        for key, groups in self.axes.items():
+            for axis, entry in enumerate(groups):
+                start = 0
+                for part in entry if isinstance(entry, tuple) else (entry,):
+                    if part == group:
+                        out.append((key, axis, start))
+                    if part is not None:
+                        start += self.groups[part]
+        return tuple(out)
 
-def compose(*parts: UnitGraph) -> UnitGraph:
-    """Joins graph fragments in forward order; a group named in several fragments must have one size."""
-    groups: dict[Group, int] = {}
-    axes: dict[str, tuple[Group | None, ...]] = {}
-    layers: list[Layer] = []
+
+def axis_size(graph: UnitGraph, entry: Axis) -> int | None:
+    """Units on an axis entry (``None`` for an unpermuted axis)."""
+    if entry is None:
+        return None
+    return sum(graph.groups[g] for g in entry) if isinstance(entry, tuple) else graph.groups[entry]
+
+
+def axis_index(graph: UnitGraph, entry: Axis, perms: Mapping[Group, torch.Tensor]) -> torch.Tensor | None:
+    """The reindexing of an axis: its group's permutation, the parts' permutations placed one after another for a
+    concatenation (groups without a permutation in ``perms`` keep their order); ``None`` when nothing moves."""
+    if entry is None:
+        return None
+    parts = entry if isinstance(entry, tuple) else (entry,)
+    if not any(p in perms for p in parts):
+        return None
+    index, start = [], 0
     for part in parts:
-        for group, size in part.groups.items():
-            if groups.setdefault(group, size) != size:
-                raise ValueError(f"unit graph bug: group {group} has sizes {groups[group]} and {size}")
-        for key, key_axes in part.axes.items():
-            if key in axes:
-                raise ValueError(f"unit graph bug: key {key} is described twice")
-            axes[key] = key_axes
-        layers.extend(part.layers)
-    return UnitGraph(groups, axes, tuple(layers))
-
-
-def _weight_layer(name: str, kind: str, module: nn.Module, in_group: Group | None, out_group: Group | None,
-                  hook: str, in_size: int, out_size: int) -> UnitGraph:
-    """A linear or conv layer: weight axes (out, in, kernel...), bias axis (out,)."""
-    state = module.state_dict()
-    axes = {f"{name}.weight": (out_group, in_group) + (None,) * (state["weight"].ndim - 2)}
-    if "bias" in state:
-        axes[f"{name}.bias"] = (out_group,)
-    sizes = {g: n for g, n in ((in_group, in_size), (out_group, out_size)) if g is not None}
-    return UnitGraph(sizes, axes, (Layer(name, kind, tuple(axes), in_group, out_group, hook),))
-
-
-def linear(name: str, module: nn.Linear, in_group: Group | None, out_group: Group | None, hook: str) -> UnitGraph:
-    """A dense layer ``name`` reading units of ``in_group`` and writing units of ``out_group``."""
-    return _weight_layer(name, "linear", module, in_group, out_group, hook, module.in_features, module.out_features)
-
-
-def conv(name: str, module: nn.Conv2d, in_group: Group | None, out_group: Group | None, hook: str) -> UnitGraph:
-    """A convolution (weight ``out, in, kh, kw``); grouped convolutions tie units differently and are refused."""
-    if module.groups != 1:
-        raise ValueError(f"unit graph: grouped convolution {name} is not supported")
-    return _weight_layer(name, "conv", module, in_group, out_group, hook, module.in_channels, module.out_channels)
-
-
-def norm(name: str, module: nn.Module | None, group: Group, hook: str) -> UnitGraph:
-    """A per-channel norm layer (BatchNorm): every vector is indexed by ``group``, scalars (batch counts) by nothing.
-
-    An absent norm (``None`` or a parameter-free ``nn.Identity``) gives an empty fragment, so the same graph code
-    serves models with and without BatchNorm.
-    """
-    state = module.state_dict() if module is not None else {}
-    if not state:
-        return UnitGraph({}, {}, ())
-    axes = {f"{name}.{suffix}": (group,) * tensor.ndim for suffix, tensor in state.items()}
-    size = next(t.shape[0] for t in state.values() if t.ndim == 1)
-    return UnitGraph({group: size}, axes, (Layer(name, "bn", tuple(axes), group, group, hook),))
+        n = graph.groups[part]
+        index.append((perms[part].cpu() if part in perms else torch.arange(n)) + start)
+        start += n
+    return torch.cat(index)
 
 
 def random_permutation(graph: UnitGraph, generator: torch.Generator | None = None) -> dict[Group, torch.Tensor]:
-    """A uniformly random permutation of every group (``torch.randperm``, drawn in group order)."""
-    return {group: torch.randperm(size, generator=generator) for group, size in graph.groups.items()}
+    """A uniformly random valid permutation of every group (``torch.randperm``, drawn in group order); a structured
+    group (:class:`Blocks`) moves its blocks by its parent's permutation and permutes inside each block."""
+    perms = {group: torch.randperm(size, generator=generator) for group, size in graph.groups.items()}
+    return structure(graph, perms, lambda size: torch.randperm(size, generator=generator))
+
+
+def structure(graph: UnitGraph, perms: dict[Group, torch.Tensor], within) -> dict[Group, torch.Tensor]:
+    """``perms`` with every structured group rebuilt from its parent's (already final) permutation and
+    ``within(block_size)`` for each block; parents are resolved first."""
+    done: set[Group] = set()
+
+    def resolve(group: Group) -> None:
+        if group in done:
+            return
+        done.add(group)
+        if group not in graph.blocks:
+            return
+        spec = graph.blocks[group]
+        size = graph.groups[group] // spec.count
+        if spec.parent is not None:
+            resolve(spec.parent)
+        order = perms[spec.parent] if spec.parent is not None else torch.arange(spec.count)
+        perms[group] = torch.cat([order[b] * size + within(size) for b in range(spec.count)])
+
+    for group in graph.groups:
+        resolve(group)
+    return perms
+
+
+def check_permutation(graph: UnitGraph, perms: Mapping[Group, torch.Tensor]) -> None:
+    """``ValueError`` unless every permutation in ``perms`` is one and keeps its group's block structure."""
+    for group, perm in perms.items():
+        if not torch.equal(perm.sort().values, torch.arange(graph.groups[group])):
+            raise ValueError(f"permutation of {group} is not a permutation")
+        spec = graph.blocks.get(group)
+        if spec is None:
+            continue
+        size = graph.groups[group] // spec.count
+        moved = perm.view(spec.count, size) // size
+        if not (moved == moved[:, :1]).all():
+            raise ValueError(f"permutation of {group} splits a block")
+        target = perms[spec.parent] if spec.parent is not None else torch.arange(spec.count)
+        if not torch.equal(moved[:, 0].cpu(), target.cpu()):
+            raise ValueError(f"permutation of {group} does not move its blocks with {spec.parent}")
 
 
 def apply_permutation(graph: UnitGraph, state_dict: Mapping[str, torch.Tensor],
@@ -159,9 +216,10 @@ def apply_permutation(graph: UnitGraph, state_dict: Mapping[str, torch.Tensor],
         if key not in graph.axes:
             raise UserError(f"state dict key {key} is not in the model's unit graph; "
                             "was it saved from a different model config?")
-        for axis, group in enumerate(graph.axes[key]):
-            if group in perms:
-                tensor = tensor.index_select(axis, perms[group].to(tensor.device))
+        for axis, entry in enumerate(graph.axes[key]):
+            index = axis_index(graph, entry, perms)
+            if index is not None:
+                tensor = tensor.index_select(axis, index.to(tensor.device))
         permuted[key] = tensor
     return permuted
 
@@ -183,9 +241,10 @@ def check_graph(graph: UnitGraph, state_dict: Mapping[str, torch.Tensor]) -> Non
         if len(groups) != tensor.ndim:
             raise UserError(f"state dict key {key} has {tensor.ndim} axes, the unit graph describes {len(groups)}")
         for axis, group in enumerate(groups):
-            if group is not None and tensor.shape[axis] != graph.groups[group]:
+            size = axis_size(graph, group)
+            if size is not None and tensor.shape[axis] != size:
                 raise UserError(f"state dict key {key} has size {tensor.shape[axis]} on axis {axis}, "
-                                f"but its unit group {group} has {graph.groups[group]} units")
+                                f"but its unit group {group} has {size} units")
 
 
 def _model_names(count: int) -> list[str]:

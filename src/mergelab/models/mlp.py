@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from mergelab.models.base import ImageClassifier
-from mergelab.models.graph import UnitGraph, compose, linear
 
 
 class MLPNet(ImageClassifier):
@@ -25,6 +24,7 @@ class MLPNet(ImageClassifier):
                  hidden: Sequence[int] = (400, 200, 100), bias: bool = True):
         super().__init__()
         self.depth = len(hidden)
+        self.input_size = (in_channels, image_size, image_size)
         width = in_channels * image_size * image_size
         for i, size in enumerate(hidden, 1):
             setattr(self, f"fc{i}", nn.Linear(width, size, bias=bias))
@@ -37,13 +37,3 @@ class MLPNet(ImageClassifier):
         for i in range(1, self.depth + 1):
             x = getattr(self, f"relu{i}")(getattr(self, f"fc{i}")(x))
         return x
-
-    def unit_graph(self) -> UnitGraph:
-        """Group ``fc{i}`` = the outputs of hidden layer ``i``; pixels and logits are not permuted."""
-        parts, group = [], None
-        for i in range(1, self.depth + 1):
-            parts.append(linear(f"fc{i}", getattr(self, f"fc{i}"), group, f"fc{i}", hook=f"relu{i}"))
-            group = f"fc{i}"
-        parts.append(linear("classifier", self.classifier, group, None, hook="classifier"))
-        return compose(*parts)
-

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from mergelab.models.base import ImageClassifier
-from mergelab.models.graph import Group, UnitGraph, compose, conv, linear, norm
 
 
 def _norm(channels: int, batchnorm: bool) -> nn.Module:
@@ -44,27 +43,6 @@ class BasicBlock(nn.Module):
         return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def basic_block(name: str, block: BasicBlock, stream_in: Group, stream_out: Group) -> UnitGraph:
-    """The graph of one :class:`BasicBlock` reading residual stream ``stream_in`` and writing ``stream_out``.
-
-    ``conv1``'s channels are the block's own group ``<name>.conv1``; ``conv2``, ``bn2`` and the projection shortcut
-    write the stream. An identity shortcut adds the input units to the output units one to one, so it needs
-    ``stream_in == stream_out``.
-    """
-    inner, inner_hook, out_hook = f"{name}.conv1", f"{name}.relu1", f"{name}.relu2"
-    parts = [conv(f"{name}.conv1", block.conv1, stream_in, inner, inner_hook),
-             norm(f"{name}.bn1", block.bn1, inner, inner_hook),
-             conv(f"{name}.conv2", block.conv2, inner, stream_out, out_hook),
-             norm(f"{name}.bn2", block.bn2, stream_out, out_hook)]
-    if isinstance(block.shortcut, nn.Identity):
-        if stream_in != stream_out:
-            raise ValueError(f"unit graph bug: identity shortcut of {name} joins {stream_in} and {stream_out}")
-    else:
-        parts += [conv(f"{name}.shortcut.conv", block.shortcut.conv, stream_in, stream_out, out_hook),
-                  norm(f"{name}.shortcut.bn", block.shortcut.bn, stream_out, out_hook)]
-    return compose(*parts)
-
-
 class ResNet(ImageClassifier):
     """``conv1`` (3x3) + ``bn1`` + ``relu``, stages ``layer1..layerN`` of :class:`BasicBlock` (the first block of
     every stage after the first halves the resolution), global average pooling, ``fc``.
@@ -77,9 +55,10 @@ class ResNet(ImageClassifier):
     classifier_name = "fc"
 
     def __init__(self, widths: Sequence[int], blocks: int, *, arch: str, num_classes: int, in_channels: int,
-                 batchnorm: bool = True, bias: bool | None = None):
+                 image_size: int, batchnorm: bool = True, bias: bool | None = None):
         super().__init__()
         self.arch = arch
+        self.input_size = (in_channels, image_size, image_size)
         self.num_stages = len(widths)
         conv_bias = (not batchnorm) if bias is None else bias
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=conv_bias)
@@ -101,19 +80,6 @@ class ResNet(ImageClassifier):
             x = getattr(self, f"layer{stage}")(x)
         return self.pool(x).flatten(1)
 
-    def unit_graph(self) -> UnitGraph:
-        """Group ``stream{s}`` = the residual stream of stage ``s`` (the stem writes ``stream1``), group
-        ``layer{s}.{b}.conv1`` = the inner channels of block ``b``; ``fc`` reads the last stream."""
-        parts = [conv("conv1", self.conv1, None, "stream1", hook="relu"),
-                 norm("bn1", self.bn1, "stream1", hook="relu")]
-        stream = "stream1"
-        for stage in range(1, self.num_stages + 1):
-            for b, block in enumerate(getattr(self, f"layer{stage}")):
-                parts.append(basic_block(f"layer{stage}.{b}", block, stream, f"stream{stage}"))
-                stream = f"stream{stage}"
-        parts.append(linear("fc", self.fc, stream, None, hook="fc"))
-        return compose(*parts)
-
 
 def _widths(base: Sequence[int], width: float) -> list[int]:
     return [max(1, round(c * width)) for c in base]
@@ -123,17 +89,17 @@ def resnet20(*, num_classes: int, in_channels: int, image_size: int, width: floa
              bias: bool | None = None) -> ResNet:
     """ResNet-20: 3 stages x 3 blocks of 16/32/64 channels times ``width`` (ZipIt! uses 1, 4, 8, 16).
 
-    ``image_size`` is not needed: global pooling takes any size.
+    Global pooling takes any ``image_size``; it is kept as the size the unit graph is traced with.
     """
     return ResNet(_widths((16, 32, 64), width), 3, arch="resnet20", num_classes=num_classes,
-                  in_channels=in_channels, batchnorm=batchnorm, bias=bias)
+                  in_channels=in_channels, image_size=image_size, batchnorm=batchnorm, bias=bias)
 
 
 def resnet18(*, num_classes: int, in_channels: int, image_size: int, width: float = 1, batchnorm: bool = True,
              bias: bool | None = None) -> ResNet:
     """CIFAR ResNet-18: 3x3 stem without max-pool, 4 stages x 2 blocks of 64/128/256/512 channels times ``width``.
 
-    ``image_size`` is not needed: global pooling takes any size.
+    Global pooling takes any ``image_size``; it is kept as the size the unit graph is traced with.
     """
     return ResNet(_widths((64, 128, 256, 512), width), 2, arch="resnet18", num_classes=num_classes,
-                  in_channels=in_channels, batchnorm=batchnorm, bias=bias)
+                  in_channels=in_channels, image_size=image_size, batchnorm=batchnorm, bias=bias)

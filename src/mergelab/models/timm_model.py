@@ -42,6 +42,7 @@ class TimmModel(ImageClassifier):
         if pretrained and weights:
             raise UserError("set model.pretrained=true (timm hub download) or model.weights=<local file>, not both")
         self.arch = f"timm:{name}"
+        self.input_size = (in_channels, image_size, image_size)
         self.net = timm.create_model(name, pretrained=pretrained, num_classes=num_classes, in_chans=in_channels,
                                      **(kwargs or {}))
         head = self.net.get_classifier()

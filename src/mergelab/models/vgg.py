@@ -9,7 +9,6 @@ import torch
 from torch import nn
 
 from mergelab.models.base import ImageClassifier
-from mergelab.models.graph import UnitGraph, compose, conv, linear, norm
 
 VGG11 = (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M")
 
@@ -36,6 +35,7 @@ class VGG(ImageClassifier):
                  width: float = 1, batchnorm: bool = True, bias: bool | None = None):
         super().__init__()
         self.arch = arch
+        self.input_size = (in_channels, image_size, image_size)
         conv_bias = (not batchnorm) if bias is None else bias
         layers, size, channels, convs, pools = OrderedDict(), image_size, in_channels, 0, 0
         for item in plan:
@@ -59,17 +59,6 @@ class VGG(ImageClassifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x)).flatten(1)
-
-    def unit_graph(self) -> UnitGraph:
-        """Group ``conv{i}`` = the channels of convolution ``i`` (and its BatchNorm); the last feeds the classifier."""
-        parts, group = [], None
-        for i in range(1, self.num_convs + 1):
-            name, hook = f"conv{i}", f"features.relu{i}"
-            parts.append(conv(f"features.{name}", getattr(self.features, name), group, name, hook))
-            parts.append(norm(f"features.bn{i}", getattr(self.features, f"bn{i}", None), name, hook))
-            group = name
-        parts.append(linear("classifier", self.classifier, group, None, hook="classifier"))
-        return compose(*parts)
 
 
 def vgg11(*, num_classes: int, in_channels: int, image_size: int, width: float = 1, batchnorm: bool = True,
