@@ -75,18 +75,19 @@ def test_feature_stats_match_stored_features(where, monkeypatch):
         for module in m.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.normal_(0, 0.3)
-    stats = feature_stats(resnets, unit_graph(resnets[0]), batches, groups=["stream1"], where=where,
-                          num_batches=2)
-    assert set(stats) == {"stream1"}
+    graph = unit_graph(resnets[0])
+    stream1 = graph.axes["conv1.weight"][0]  # stage 1's residual stream, named after the stem that writes it
+    stats = feature_stats(resnets, graph, batches, groups=[stream1], where=where, num_batches=2)
+    assert set(stats) == {stream1}
     stored = []
     for x, _ in batches[:2]:
         per_model = [resnet_stream1_features(m, x, where) for m in resnets]
         stored += [torch.cat([as_samples(w) for w in writer], 1) for writer in zip(*per_model)]
     count, mean, cov, corr, _ = direct_moments(stored)
-    assert stats["stream1"].count == count == 2 * 20 * 64 * 4  # 2 batches, 8x8 positions, 4 writers
-    torch.testing.assert_close(stats["stream1"].mean, mean)
-    torch.testing.assert_close(stats["stream1"].cov, cov)
-    torch.testing.assert_close(stats["stream1"].corr(eps=0), corr, equal_nan=True)
+    assert stats[stream1].count == count == 2 * 20 * 64 * 4  # 2 batches, 8x8 positions, 4 writers
+    torch.testing.assert_close(stats[stream1].mean, mean)
+    torch.testing.assert_close(stats[stream1].cov, cov)
+    torch.testing.assert_close(stats[stream1].corr(eps=0), corr, equal_nan=True)
 
 
 def test_feature_stats_restore_training_mode_and_hooks():

@@ -1,6 +1,9 @@
-"""Unit graphs: a network permuted through its graph computes the same function (Git Re-Basin's invariance)."""
+"""Unit graphs of the built-in families, derived by tracing: a network permuted through its graph computes the same
+function (Git Re-Basin's invariance), the graph is complete, and it partitions every axis exactly as the
+hand-written graphs (tests/graph_oracles.py) do."""
 
 import copy
+import functools
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +15,7 @@ from torch import nn
 from mergelab.errors import UserError
 from mergelab.models import (apply_permutation, build_model, check_compatible, check_graph, random_permutation,
                              unit_graph)
+from tests.graph_oracles import oracle_graph
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -73,10 +77,46 @@ def model_and_input(family: str, options: dict, in_channels: int = 1, image_size
     return model, torch.randn(4, in_channels, image_size, image_size, dtype=torch.float64)
 
 
+@functools.cache
+def _graph(family: str, frozen: tuple, in_channels: int = 1, image_size: int = 8):
+    return unit_graph(build(family, dict(frozen), in_channels, image_size))
+
+
+def graph_of(family: str, options: dict, in_channels: int = 1, image_size: int = 8):
+    """The derived graph of ``build(family, options)``, traced once per test session."""
+    return _graph(family, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items())),
+                  in_channels, image_size)
+
+
+def partition(graph) -> tuple:
+    """The graph as a partition of the (key, axis) pairs, group names forgotten, plus the unpermuted pairs."""
+    classes: dict = {}
+    for key, axes in graph.axes.items():
+        for axis, group in enumerate(axes):
+            classes.setdefault(group, set()).add((key, axis))
+    fixed = classes.pop(None, set())
+    return frozenset(fixed), frozenset(frozenset(c) for c in classes.values())
+
+
+@pytest.mark.parametrize("family,options", VARIANTS, ids=[f"{f}-{o}" for f, o in VARIANTS])
+def test_derived_graph_equals_the_hand_written_one(family, options):
+    """Same partition of every axis, same group sizes, same weight layers in the same order with the same
+    input/output groups and feature points (up to group names)."""
+    model = build(family, options)
+    derived, oracle = graph_of(family, options), oracle_graph(model)
+    assert partition(derived) == partition(oracle)
+    rename = {o: d for key in oracle.axes for o, d in zip(oracle.axes[key], derived.axes[key]) if o is not None}
+    assert {rename[g]: n for g, n in oracle.groups.items()} == derived.groups
+    assert [(layer.name, layer.kind, layer.keys, rename.get(layer.in_group), rename.get(layer.out_group), layer.hook)
+            for layer in oracle.layers] == [(layer.name, layer.kind, layer.keys, layer.in_group, layer.out_group,
+                                             layer.hook) for layer in derived.layers]
+    assert not derived.structured
+
+
 @pytest.mark.parametrize("family,options", VARIANTS, ids=[f"{f}-{o}" for f, o in VARIANTS])
 def test_permuted_network_computes_the_same_function(family, options):
     model, x = model_and_input(family, options)
-    graph = unit_graph(model)
+    graph = graph_of(family, options)
     state = model.state_dict()
     assert set(graph.axes) == set(state), "every state-dict key is described by the graph"
     check_graph(graph, state)
@@ -94,7 +134,7 @@ def test_permuted_network_computes_the_same_function(family, options):
 @pytest.mark.parametrize("family", ["vgg11", "resnet20", "mlpnet"])
 def test_invariance_on_cifar_shaped_input(family):
     model, x = model_and_input(family, {}, in_channels=3, image_size=32)
-    graph = unit_graph(model)
+    graph = graph_of(family, {}, 3, 32)
     perms = random_permutation(graph, torch.Generator().manual_seed(2))
     torch.testing.assert_close(permuted_outputs(model, graph, perms, x), model(x), rtol=1e-9, atol=1e-9)
 
@@ -108,7 +148,7 @@ TEETH = [(f, o) for f, o in SMALL if f != "resnet18"]
 def test_dropping_any_axis_from_the_graph_breaks_invariance(family, options):
     """The invariance test has teeth: a graph missing any single (key, axis) gives a different function."""
     model, x = model_and_input(family, options)
-    graph = unit_graph(model)
+    graph = graph_of(family, options)
     perms = random_permutation(graph, torch.Generator().manual_seed(3))
     reference, fresh = model(x), copy.deepcopy(model)
     for key, groups in graph.axes.items():
@@ -123,15 +163,16 @@ def test_dropping_any_axis_from_the_graph_breaks_invariance(family, options):
 def test_hooks_carry_their_group(family, options):
     """Features at a group's hook points of the permuted model are the original features, permuted by that group."""
     model, x = model_and_input(family, options)
-    graph = unit_graph(model)
+    graph = graph_of(family, options)
     perms = random_permutation(graph, torch.Generator().manual_seed(4))
     permuted = copy.deepcopy(model)
     permuted.load_state_dict(apply_permutation(graph, model.state_dict(), perms))
     original, moved = record_hooks(model, graph, x), record_hooks(permuted, graph, x)
     for group, modules in graph.hooks.items():
         for name in modules:
-            assert original[name].shape[1] == graph.groups[group]
-            torch.testing.assert_close(moved[name], original[name].index_select(1, perms[group]))
+            dim = graph.feature_dim(name)
+            assert original[name].shape[dim] == graph.groups[group]
+            torch.testing.assert_close(moved[name], original[name].index_select(dim, perms[group]))
 
 
 def record_hooks(model: nn.Module, graph, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -149,7 +190,7 @@ def record_hooks(model: nn.Module, graph, x: torch.Tensor) -> dict[str, torch.Te
 @pytest.mark.parametrize("family,options", SMALL, ids=[f"{f}-{o}" for f, o in SMALL])
 def test_layers_in_forward_order(family, options):
     model, _ = model_and_input(family, options)
-    graph = unit_graph(model)
+    graph = graph_of(family, options)
     produced, keys = set(), []
     for layer in graph.layers:
         assert layer.kind in ("linear", "conv", "bn")
@@ -164,31 +205,24 @@ def test_layers_in_forward_order(family, options):
 
 
 def test_resnet_residual_stream_is_one_group():
-    model, _ = model_and_input("resnet20", {})
-    axes = unit_graph(model).axes
+    axes = graph_of("resnet20", {}).axes
     stream1 = {axes["conv1.weight"][0], axes["bn1.running_mean"][0], axes["layer1.0.conv1.weight"][1],
                axes["layer1.0.conv2.weight"][0], axes["layer1.2.bn2.bias"][0], axes["layer2.0.shortcut.conv.weight"][1],
                axes["layer2.0.conv1.weight"][1]}
     stream3 = {axes["layer3.0.shortcut.conv.weight"][0], axes["layer3.0.shortcut.bn.weight"][0],
                axes["layer3.0.conv2.weight"][0], axes["layer3.1.conv1.weight"][1], axes["layer3.2.bn2.running_var"][0],
                axes["fc.weight"][1]}
-    assert stream1 == {"stream1"} and stream3 == {"stream3"}
-    assert axes["layer1.0.conv1.weight"][0] != "stream1"
+    assert stream1 == {"conv1"} and stream3 == {"layer3.0.conv2"}  # named after the first layer writing them
+    assert axes["layer1.0.conv1.weight"][0] == "layer1.0.conv1"
     assert axes["conv1.weight"][1] is None and axes["fc.weight"][0] is None and axes["fc.bias"] == (None,)
 
 
 def test_graph_follows_the_config():
-    with_bn, without_bn = build("resnet20", {}), build("resnet20", {"batchnorm": False})
-    assert "bn1.running_mean" in unit_graph(with_bn).axes and "conv1.bias" not in unit_graph(with_bn).axes
-    assert "conv1.bias" in unit_graph(without_bn).axes
-    assert not any(layer.kind == "bn" for layer in unit_graph(without_bn).layers)
-    assert unit_graph(build("resnet20", {"width": 2})).groups["stream3"] == 128
-
-
-def test_timm_models_have_no_graph():
-    model = build_model(OmegaConf.load(CONF / "timm.yaml"), 10, 1, 8)
-    with pytest.raises(UserError, match="supports mlpnet, vgg11, resnet20, resnet18; got timm:resnet10t"):
-        unit_graph(model)
+    with_bn, without_bn = graph_of("resnet20", {}), graph_of("resnet20", {"batchnorm": False})
+    assert "bn1.running_mean" in with_bn.axes and "conv1.bias" not in with_bn.axes
+    assert "conv1.bias" in without_bn.axes
+    assert not any(layer.kind == "bn" for layer in without_bn.layers)
+    assert graph_of("resnet20", {"width": 2}).groups["layer3.0.conv2"] == 128
 
 
 def test_check_compatible_names_the_first_mismatch():
@@ -204,7 +238,7 @@ def test_check_compatible_names_the_first_mismatch():
 
 def test_apply_permutation_rejects_bad_input():
     model, _ = model_and_input("mlpnet", {})
-    graph, state = unit_graph(model), model.state_dict()
+    graph, state = graph_of("mlpnet", {}), model.state_dict()
     with pytest.raises(ValueError, match="not a group"):
         apply_permutation(graph, state, {"nope": torch.arange(3)})
     with pytest.raises(ValueError, match="shape"):
@@ -212,17 +246,18 @@ def test_apply_permutation_rejects_bad_input():
     with pytest.raises(UserError, match="extra.weight"):
         apply_permutation(graph, {**state, "extra.weight": torch.zeros(2)}, {})
     with pytest.raises(UserError, match="fc2.weight"):
-        check_graph(unit_graph(build("mlpnet", {"hidden": [400, 100, 100]})), state)
+        check_graph(graph_of("mlpnet", {"hidden": [400, 100, 100]}), state)
 
 
 def test_subset_of_groups_and_inverse():
     model, x = model_and_input("resnet20", {})
-    graph, state = unit_graph(model), model.state_dict()
+    graph, state = graph_of("resnet20", {}), model.state_dict()
     perms = random_permutation(graph, torch.Generator().manual_seed(5))
-    only_stream2 = apply_permutation(graph, state, {"stream2": perms["stream2"]})
+    stream2 = graph.axes["layer2.0.conv2.weight"][0]
+    only_stream2 = apply_permutation(graph, state, {stream2: perms[stream2]})
     changed = {key for key in state if not torch.equal(only_stream2[key], state[key])}
-    assert changed == {key for key, _ in graph.members("stream2")}
-    torch.testing.assert_close(permuted_outputs(model, graph, {"stream2": perms["stream2"]}, x), model(x))
+    assert changed == {key for key, _ in graph.members(stream2)}
+    torch.testing.assert_close(permuted_outputs(model, graph, {stream2: perms[stream2]}, x), model(x))
     inverse = {group: torch.argsort(perm) for group, perm in perms.items()}
     restored = apply_permutation(graph, apply_permutation(graph, state, perms), inverse)
     assert all(torch.equal(restored[key], state[key]) for key in state)

@@ -153,26 +153,36 @@ def _unit_means(features: torch.Tensor) -> torch.Tensor:
     return features.to(dtype).mean([d for d in range(features.ndim) if d != 1])
 
 
-def as_samples(features: torch.Tensor) -> torch.Tensor:
-    """Features with units on dim 1 as a (samples, units) matrix: a conv map N,C,H,W gives N*H*W samples."""
-    if features.ndim == 2:
+def as_samples(features: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Features with units on axis ``dim`` as a (samples, units) matrix: every other axis indexes samples (a conv
+    map N,C,H,W with ``dim=1`` gives N*H*W samples; tokens N,T,C with ``dim=-1`` give N*T)."""
+    if features.ndim == 2 and dim in (1, -1):
         return features
-    return features.movedim(1, -1).reshape(-1, features.shape[1])
+    return features.movedim(dim, -1).reshape(-1, features.shape[dim])
 
 
-def hook_modules(graph: UnitGraph, groups: Sequence[Group], where: str) -> dict[Group, tuple[str, bool]]:
-    """Group -> ``(module name, read its input)`` for every writer of the group.
+def hook_modules(graph: UnitGraph, groups: Sequence[Group], where: str
+                 ) -> dict[Group, tuple[tuple[str, bool, int, int], ...]]:
+    """Group -> ``(module name, read its input, channel axis, start)`` for every point where the group is written.
 
-    ``where="post"``: the output of each module of ``graph.hooks[group]`` (the nonlinearity after the layer, for a
-    residual stream every post-addition ReLU). ``where="pre"``: the pre-activation, i.e. the *input* of that
-    nonlinearity (for a residual stream the sum of the block and its shortcut before the ReLU); where the hook is
-    the weight layer itself (the classifier's logits) pre and post are the same output.
+    ``where="post"``: the output of each of the group's hook modules (:meth:`UnitGraph.feature_points`: the point
+    after the layer's norm and nonlinearity, for a residual stream every point where a block has written into it).
+    ``where="pre"``: the *input* of that module where it is an activation module of its own
+    (:attr:`UnitGraph.elementwise`: the pre-activation; for a residual stream's post-addition ReLU, the sum of the
+    block and its shortcut); elsewhere (a weight layer such as the classifier, a block, an activation fused with
+    its norm) pre and post are the same output. The channel axis is :meth:`UnitGraph.feature_dim` (1 for maps, the
+    last for tokens); the group's units are ``start:start + n`` of it (a part of a concatenation: the queries, keys
+    or values of a fused projection).
     """
     if where not in ("pre", "post"):
         raise ValueError(f"where must be 'pre' or 'post', got {where!r}")
-    layer_names = {layer.name for layer in graph.layers}
-    hooks = graph.hooks
-    return {group: tuple((name, where == "pre" and name not in layer_names) for name in hooks[group])
+    points = {group: graph.feature_points(group) for group in groups}
+    missing = [g for g, p in points.items() if not p]
+    if missing:
+        raise UserError(f"unit group {missing[0]} has no point where its features can be read; merge this model "
+                        "by weights (merge.alignment=weights)")
+    return {group: tuple((name, where == "pre" and name in graph.elementwise, graph.feature_dim(name), start)
+                         for name, start in points[group])
             for group in groups}
 
 
@@ -197,14 +207,14 @@ def feature_stats(models: Sequence[nn.Module], graph: UnitGraph, batches: Iterab
     """
     if writers not in WRITERS:
         raise UserError(f"writers={writers!r} (merge.writers) is unknown; choose from {list(WRITERS)}")
-    groups = [g for g in graph.hooks if g in graph.groups] if groups is None else list(groups)
+    groups = [g for g in graph.groups if graph.feature_points(g)] if groups is None else list(groups)
     modules = hook_modules(graph, groups, where)
     if writers == "last":
         modules = {group: hooks[-1:] for group, hooks in modules.items()}
     captured: list[dict[Group, list[torch.Tensor]]] = [{g: [] for g in groups} for _ in models]
-    hooks = [(model, name, _capture(store[group], read_input))
+    hooks = [(model, name, _capture(store[group], read_input, dim, start, graph.groups[group]))
              for model, store in zip(models, captured)
-             for group, hooked in modules.items() for name, read_input in hooked]
+             for group, hooked in modules.items() for name, read_input, dim, start in hooked]
     accumulators: dict[Group, _Accumulator] = {}
     with hooked_eval(models, hooks):
         for x, _ in itertools.islice(batches, num_batches):
@@ -242,7 +252,12 @@ def hooked_eval(models: Sequence[nn.Module], hooks: Iterable[tuple[nn.Module, st
             model.train(mode)
 
 
-def _capture(store: list[torch.Tensor], read_input: bool):
+def _capture(store: list[torch.Tensor], read_input: bool, dim: int = 1, start: int = 0, units: int | None = None):
+    """A forward hook appending the module's output (or first input) with units ``start:start + units`` of axis
+    ``dim`` moved to dim 1 (what the accumulators read: samples on dim 0, units on dim 1, positions after)."""
     def hook(module, inputs, output):
-        store.append((inputs[0] if read_input else output).detach())
+        features = (inputs[0] if read_input else output).detach()
+        if units is not None and (start or units != features.shape[dim]):
+            features = features.narrow(dim, start, units)
+        store.append(features if dim in (1, 1 - features.ndim) else features.movedim(dim, 1))
     return hook

@@ -710,12 +710,27 @@ class _Tracer:
             dims = self.key_axes.get(key)
             axes[key] = (None,) * tensor.ndim if dims is None else tuple(axis_entry(d) for d in dims)
         layers, seen = [], set()
+        unused = {}  # module -> its unpermuted keys no operation reads as a weight (BatchNorm's num_batches_tracked)
+        in_layers = {k for info in self.layers for k in info["keys"]}
+        for key in state:
+            if key not in in_layers and all(a is None for a in axes[key]):
+                unused.setdefault(key.rsplit(".", 1)[0] if "." in key else "", []).append(key)
         for info in self.layers:
             keys = tuple(k for k in info["keys"] if k is not None)
+            if info["kind"] == "bn" and keys:
+                keys += tuple(unused.pop(keys[0].rsplit(".", 1)[0] if "." in keys[0] else "", ()))
             out = axis_entry(info["out_dim"])
             in_ = axis_entry(info["in_dim"]) if isinstance(info["in_dim"], int) else None
             seen.update(keys)
             layers.append(Layer(info["name"], info["kind"], keys, in_, out, self.hook_of(info["node"], info["out_dim"])))
+        for info in self.layers:  # the channel axis of every weight layer's own output, for per-layer statistics
+            layout, root = self.layouts.get(info["node"]), self.find(info["out_dim"])
+            if isinstance(layout, tuple):
+                layout = layout[0]
+            if isinstance(layout, list) and root != PIN:
+                dims = [d for d, dim in enumerate(layout) if isinstance(dim, int) and self.find(dim) == root]
+                if dims:
+                    self.feature_dims.setdefault(info["name"], dims[0])
         # Parameters used elementwise (layer scale, position embedding, class token): per-channel "scale" layers.
         for key in state:
             if key in seen or all(a is None for a in axes[key]):
