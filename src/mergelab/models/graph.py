@@ -61,16 +61,18 @@ class Layer:
     parameter used elementwise: layer scale, position embedding, class token; ``name`` is the module holding it);
     ``keys`` are its state-dict keys, weight first. ``in_group`` and
     ``out_group`` are the groups of its input and output units (``None``: pixels, flattened input, or logits; a norm
-    layer has ``in_group == out_group``). ``hook`` is the module whose forward output carries ``out_group`` as this
-    layer's activations: the nonlinearity after the layer (and its norm), for a residual stream the block's
-    post-addition ReLU, for the classifier the classifier itself (logits).
+    layer has ``in_group == out_group``; a tuple of groups where the axis is a concatenation). ``hook`` is the
+    module whose forward output carries ``out_group`` as this layer's activations: the module that ends the chain
+    of norms, activations and additions after the layer (the nonlinearity; for a residual stream the point where
+    the block has added into it: its post-addition ReLU, or the block itself), for the classifier the classifier
+    itself (logits); ``""`` where no module outputs that tensor.
     """
 
     name: str
     kind: str
     keys: tuple[str, ...]
-    in_group: Group | None
-    out_group: Group | None
+    in_group: Axis
+    out_group: Axis
     hook: str
 
 
@@ -104,7 +106,8 @@ class UnitGraph:
         """
         hooks: dict[Group, list[str]] = {}
         for layer in self.layers:
-            if layer.out_group is not None and layer.hook not in hooks.setdefault(layer.out_group, []):
+            if layer.out_group is not None and layer.hook and \
+                    layer.hook not in hooks.setdefault(layer.out_group, []):
                 hooks[layer.out_group].append(layer.hook)
         return {group: tuple(modules) for group, modules in hooks.items()}
 

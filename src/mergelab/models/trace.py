@@ -226,8 +226,9 @@ class _Tracer:
     # -------------------------------------------------------------------------------------------- run
     def where(self, node) -> str:
         stack = node.meta.get("nn_module_stack") or {}
-        module = list(stack.values())[-1][0] if stack else ""
-        return f"operation {_op_name(node.target)} in module {module or '(root)'}"
+        path, kind = list(stack.values())[-1] if stack else ("", type(self.model))
+        kind = kind if isinstance(kind, str) else kind.__qualname__
+        return f"operation {_op_name(node.target)} in module {path or '(root)'} ({kind.rsplit('.', 1)[-1]})"
 
     def module_of(self, node) -> str:
         stack = node.meta.get("nn_module_stack") or {}
@@ -731,13 +732,20 @@ class _Tracer:
                 dims = [d for d, dim in enumerate(layout) if isinstance(dim, int) and self.find(dim) == root]
                 if dims:
                     self.feature_dims.setdefault(info["name"], dims[0])
-        # Parameters used elementwise (layer scale, position embedding, class token): per-channel "scale" layers.
+        # Parameters used elementwise (layer scale, position embedding, class token): per-channel "scale" layers,
+        # placed where they are first used; their hook is found like a weight layer's, from that use.
+        position = {node: k for k, node in enumerate(self.ep.graph.nodes)}
+        placeholders = {self.key_of(node): node for node in self.ep.graph.nodes if node.op == "placeholder"}
+        placed = [(position[info["node"]], layer) for info, layer in zip(self.layers, layers)]
         for key in state:
-            if key in seen or all(a is None for a in axes[key]):
+            if key in seen or all(a is None for a in axes[key]) or key not in placeholders:
                 continue
             owner = key.rsplit(".", 1)[0] if "." in key else ""
-            group_axes = [a for a in axes[key] if a is not None]
-            layers.append(Layer(owner, "scale", (key,), group_axes[0], group_axes[0], owner))
+            entry = next(a for a in axes[key] if a is not None)
+            use = min(placeholders[key].users, key=position.get)
+            dim = next(d for d, a in zip(self.key_axes[key], axes[key]) if a is not None)
+            placed.append((position[use], Layer(owner, "scale", (key,), entry, entry, self.hook_of(use, dim))))
+        layers = [layer for _, layer in sorted(placed, key=lambda item: item[0])]
         return UnitGraph(groups, axes, tuple(layers), blocks, self.feature_dims)
 
     # ------------------------------------------------------------------------------------------- hooks
@@ -777,6 +785,8 @@ class _Tracer:
         module = outputs.get(current)
         if module is None:  # not a module's output: the weight layer's own output (before its activation)
             module, current = self.module_of(node), node
+            if module not in outputs.values():
+                return ""  # no module outputs this tensor: no feature point
         layout = self.layouts.get(current)
         root = self.find(out_dim)
         if isinstance(layout, list) and root != PIN:
