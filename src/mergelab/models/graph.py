@@ -85,6 +85,7 @@ class UnitGraph:
     layers: tuple[Layer, ...]
     blocks: dict[Group, Blocks] = field(default_factory=dict)
     feature_dims: dict[str, int] = field(default_factory=dict)
+    elementwise: frozenset[str] = frozenset()
 
     @property
     def structured(self) -> bool:
@@ -110,6 +111,22 @@ class UnitGraph:
                     layer.hook not in hooks.setdefault(layer.out_group, []):
                 hooks[layer.out_group].append(layer.hook)
         return {group: tuple(modules) for group, modules in hooks.items()}
+
+    def feature_points(self, group: Group) -> tuple[tuple[str, int], ...]:
+        """``(module, start)``: the hook modules whose outputs carry ``group``'s units at ``start:start + n`` of
+        their channel axis (0 unless the layer writes a concatenation, e.g. a fused qkv projection), forward
+        order. The plain groups' points are :attr:`hooks`."""
+        points: list[tuple[str, int]] = []
+        for layer in self.layers:
+            entry = layer.out_group
+            if not layer.hook or entry is None:
+                continue
+            start = 0
+            for part in entry if isinstance(entry, tuple) else (entry,):
+                if part == group and (layer.hook, start) not in points:
+                    points.append((layer.hook, start))
+                start += self.groups[part]
+        return tuple(points)
 
     def members(self, group: Group) -> tuple[tuple[str, int], ...]:
         """Every ``(key, axis)`` on which ``group`` acts alone (concatenated axes: :meth:`slices`)."""

@@ -111,6 +111,7 @@ class _Tracer:
         self.layers: list[dict] = []
         self.order = 0
         self.feature_dims: dict[str, int] = {}
+        self.elementwise: set[str] = set()
 
     # ----------------------------------------------------------------------------------------- union-find
     def new(self, size: int) -> int:
@@ -746,7 +747,7 @@ class _Tracer:
             dim = next(d for d, a in zip(self.key_axes[key], axes[key]) if a is not None)
             placed.append((position[use], Layer(owner, "scale", (key,), entry, entry, self.hook_of(use, dim))))
         layers = [layer for _, layer in sorted(placed, key=lambda item: item[0])]
-        return UnitGraph(groups, axes, tuple(layers), blocks, self.feature_dims)
+        return UnitGraph(groups, axes, tuple(layers), blocks, self.feature_dims, frozenset(self.elementwise))
 
     # ------------------------------------------------------------------------------------------- hooks
     def module_outputs(self) -> dict:
@@ -783,6 +784,10 @@ class _Tracer:
                 break
             current = user
         module = outputs.get(current)
+        if module is not None and _op_name(current.target) in UNARY and isinstance(current.args[0], torch.fx.Node) \
+                and self.module_of(current.args[0]) != module and current in self.layouts \
+                and self.layouts[current] == self.layouts.get(current.args[0]):
+            self.elementwise.add(module)  # an activation module: its input is the pre-activation, same axes
         if module is None:  # not a module's output: the weight layer's own output (before its activation)
             module, current = self.module_of(node), node
             if module not in outputs.values():
