@@ -36,6 +36,7 @@ def test_every_config_builds_and_keeps_the_contract(family, shape):
     head = model.get_submodule(model.classifier_name)
     assert isinstance(head, nn.Linear) and head.out_features == 7 and head.in_features == features.shape[1]
     assert model.arch == ("timm:resnet10t" if family == "timm" else family)
+    assert model.input_size == (in_channels, size, size)  # what unit_graph traces the model with
 
 
 @pytest.mark.parametrize("family", FAMILIES)

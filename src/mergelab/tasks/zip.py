@@ -58,6 +58,9 @@ def run(ctx: Context) -> dict:
     paths, metas = population(cfg)
     models = [load_model(p, ctx.device, cfg)[0].eval() for p in paths]
     graph = unit_graph(models[0])
+    if graph.structured:
+        raise UserError(f"ZipIt! merges features freely, which would split the attention heads or norm groups of "
+                        f"{models[0].arch}; merge it with fuse.py merge=permute or merge=ot")
     cuts = cut_points(models[0], graph)
     if cfg.list_layers:
         return {"task": "zip", "metrics": {}, "table": cut_table(cuts, graph)}
