@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from mergelab.merging import structured
 from mergelab.merging.align import Permute
 from mergelab.merging.features import feature_stats
 from mergelab.merging.otfusion import OTFusion
@@ -97,10 +98,12 @@ def test_alignment_merges_a_permuted_copy_into_the_model(pair, merge):
 @torch.no_grad()
 def test_zipit_merges_a_permuted_copy_into_the_model(pair):
     name, model, graph, permuted, x = pair
-    if graph.structured:
-        pytest.skip("ZipIt! merges features freely, which would split attention heads (see docs/graphs.md)")
     stats = feature_stats([model, permuted], graph, [(x, None)], where="pre")
-    zips = zip_groups(stats, alpha=0.5, beta=0.5)
+    states = [model.state_dict(), permuted.state_dict()]
     merged = copy.deepcopy(model)
-    merged.load_state_dict(zip_states(graph, [model.state_dict(), permuted.state_dict()], zips), strict=False)
+    if graph.structured:  # heads are matched one to one (structured.zip_groups), the other groups zipped
+        merged.load_state_dict(structured.zip_states(graph, states, structured.zip_groups(graph, stats, alpha=0.5,
+                                                                                          beta=0.5)))
+    else:
+        merged.load_state_dict(zip_states(graph, states, zip_groups(stats, alpha=0.5, beta=0.5)), strict=False)
     torch.testing.assert_close(merged(x), model(x), rtol=1e-6, atol=1e-6, msg=name)

@@ -241,3 +241,70 @@ def align(merge, graph: UnitGraph, state_a: State, state_b: State, stats=None, a
         raise UserError(f"merge={merge.name} cannot align a model with attention heads or norm groups; "
                         "use merge=permute or merge=ot")
     return apply_permutation(graph, state_b, perms)
+
+
+def zip_groups(graph: UnitGraph, stats: Mapping[Group, FeatureStats], *, alpha: float, beta: float) -> dict:
+    """ZipIt! matching of a structured graph: plain groups are zipped as the paper does
+    (:func:`mergelab.merging.zipit.zip_groups`); a structured family cannot merge features freely (two dims of one
+    head with each other, or across heads), so its groups are matched one to one between the two models by
+    :func:`activation_matching` and zipped as that permutation (heads as wholes, dims within heads)."""
+    from mergelab.merging.zipit import permutation_zip, zip_groups as zip_plain
+
+    structured_groups = {g for root, children in families(graph) if children for g in (root, *children)}
+    zips = zip_plain({g: s for g, s in stats.items() if g not in structured_groups}, alpha=alpha, beta=beta)
+    inside = {g: s for g, s in stats.items() if g in structured_groups}
+    if inside:
+        if next(iter(inside.values())).num_models != 2:
+            raise UserError("ZipIt! of a model with attention heads or norm groups merges two models")
+        perms = activation_matching(graph, {**inside, **{g: s for g, s in stats.items() if g not in inside}})
+        zips.update({g: permutation_zip([torch.arange(graph.groups[g]), perms[g]]) for g in inside})
+    return zips
+
+
+def zip_states(graph: UnitGraph, states: list[State], zips: Mapping) -> dict[str, torch.Tensor]:
+    """The zipped weights ``sum_i M_i^out W_i U_i^in`` (ZipIt! Sec. 4.2) of every key of a graph with concatenated
+    axes and per-channel parameters of any rank: a key's first grouped axis is its output (merged features
+    average their members), every later grouped axis an input (a merged feature feeds the sum of its members'
+    columns); a concatenated axis is zipped part by part. Axes of groups without a zip are averaged as they are."""
+    merged = {}
+    for key, first in states[0].items():
+        if not first.is_floating_point():
+            merged[key] = first
+            continue
+        entries = graph.axes[key]
+        total = None
+        for i, state in enumerate(states):
+            tensor = state[key].double()
+            for axis, entry in enumerate(entries):
+                tensor = _zip_axis(graph, tensor, axis, entry, zips, i)
+            total = tensor if total is None else total + tensor
+        output = next(((axis, entry) for axis, entry in enumerate(entries) if entry is not None), None)
+        if output is None:
+            total = total / len(states)
+        else:
+            axis, entry = output
+            sizes = torch.cat([zips[g].sizes.double() if g in zips else torch.full((graph.groups[g],), len(states),
+                                                                                   dtype=torch.float64)
+                               for g in (entry if isinstance(entry, tuple) else (entry,))])
+            shape = [1] * total.ndim
+            shape[axis] = -1
+            total = total / sizes.view(shape)
+        merged[key] = total.to(first.dtype)
+    return merged
+
+
+def _zip_axis(graph: UnitGraph, tensor: torch.Tensor, axis: int, entry, zips: Mapping, model: int) -> torch.Tensor:
+    """``tensor`` with axis ``axis`` summed into merged features (model ``model``'s assignment), part by part."""
+    from mergelab.merging.zipit import _merge_axis
+
+    if entry is None:
+        return tensor
+    parts, start, pieces = entry if isinstance(entry, tuple) else (entry,), 0, []
+    for part in parts:
+        n = graph.groups[part]
+        piece = tensor.narrow(axis, start, n)
+        if part in zips:
+            piece = _merge_axis(piece, axis, zips[part].model_assign(model), zips[part].units)
+        pieces.append(piece)
+        start += n
+    return torch.cat(pieces, axis) if len(pieces) > 1 else pieces[0]

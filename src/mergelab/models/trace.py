@@ -100,12 +100,15 @@ SUPPORTED = ("linear and conv (incl. depthwise), batch/layer/group/RMS norm, ele
 class _Tracer:
     def __init__(self, exported, model: nn.Module):
         self.ep, self.model = exported, model
+        signature = exported.graph_signature
+        self.keys = {**signature.inputs_to_parameters, **signature.inputs_to_buffers}  # placeholder -> state key
         self.parent = [PIN]
         self.size = [1]
         self.label: dict[int, tuple[int, str]] = {}  # node -> (order, name) of the weight op writing it
         self.concat: dict[int, list[int]] = {}
         self.blocks: dict[int, tuple[int, int]] = {}  # node -> (parent node, count)
         self.splits: list[_Split] = []
+        self.part_of: dict[int, tuple[int, int]] = {}  # part node -> (concatenated node, index)
         self.key_axes: dict[str, list[Any]] = {}
         self.layouts: dict[Any, Any] = {}
         self.layers: list[dict] = []
@@ -262,7 +265,8 @@ class _Tracer:
             elif node.op != "get_attr":
                 raise UserError(f"cannot derive the unit graph: graph node {node.op} {node.target} is not supported")
 
-    def L(self, value):
+    def dims_of(self, value):
+        """The union-find nodes (or :class:`Factor` axes) of ``value``'s axes."""
         return self.layouts[value]
 
     def call(self, node) -> None:
@@ -276,7 +280,7 @@ class _Tracer:
             return
         value = node.meta.get("val")
         if name in UNARY:
-            self.layouts[node] = list(self.L(args[0]))
+            self.layouts[node] = list(self.dims_of(args[0]))
         elif name in BINARY:
             self.layouts[node] = self.broadcast(node, [a for a in args if isinstance(a, torch.fx.Node)], where)
         elif name in ("linear",):
@@ -284,26 +288,26 @@ class _Tracer:
         elif name in ("conv2d", "conv1d", "convolution"):
             self.conv(node, where)
         elif name == "batch_norm" or name == "_native_batch_norm_legit_no_training":
-            x = self.L(args[0])
+            x = self.dims_of(args[0])
             for vector in args[1:5]:
                 if isinstance(vector, torch.fx.Node):
-                    self.unify(self.L(vector)[0], x[1], where)
+                    self.unify(self.dims_of(vector)[0], x[1], where)
             self.layouts[node] = list(x) if name == "batch_norm" else (list(x), None, None)
             self.record_norm(node, args[1:5], x[1])
         elif name in ("layer_norm", "rms_norm"):
-            x = self.L(args[0])
+            x = self.dims_of(args[0])
             count = len(args[1])
             vectors = [a for a in args[2:4] if isinstance(a, torch.fx.Node)]
             for vector in vectors:
                 for offset in range(count):
-                    self.unify(self.L(vector)[offset], x[x.__len__() - count + offset], where)
+                    self.unify(self.dims_of(vector)[offset], x[x.__len__() - count + offset], where)
             self.layouts[node] = list(x)
             if count == 1:
                 self.record_norm(node, vectors, x[-1])
             elif vectors:
                 raise UserError(f"cannot derive the unit graph: {where} normalises over several axes with a weight")
         elif name == "group_norm":
-            x = self.L(args[0])
+            x = self.dims_of(args[0])
             groups = int(args[1])
             channels = self.shape(args[0])[1]
             if 1 < groups < channels:
@@ -315,23 +319,23 @@ class _Tracer:
                 self.set_blocks(resolved[1], parent, groups, where)
             vectors = [a for a in args[2:4] if isinstance(a, torch.fx.Node)]
             for vector in vectors:
-                self.unify(self.L(vector)[0], x[1], where)
+                self.unify(self.dims_of(vector)[0], x[1], where)
             self.layouts[node] = list(x)
             self.record_norm(node, vectors, x[1])
         elif name in VIEWS:
-            self.layouts[node] = self.reshape(self.L(args[0]), self.shape(args[0]), tuple(value.shape), where)
+            self.layouts[node] = self.reshape(self.dims_of(args[0]), self.shape(args[0]), tuple(value.shape), where)
         elif name == "permute":
-            x = self.L(args[0])
+            x = self.dims_of(args[0])
             self.layouts[node] = [x[d % len(x)] for d in args[1]]
         elif name in ("transpose.int", "swapaxes"):
-            x = list(self.L(args[0]))
+            x = list(self.dims_of(args[0]))
             a, b = args[1] % len(x), args[2] % len(x)
             x[a], x[b] = x[b], x[a]
             self.layouts[node] = x
         elif name in ("t",):
-            self.layouts[node] = list(reversed(self.L(args[0])))
+            self.layouts[node] = list(reversed(self.dims_of(args[0])))
         elif name in ("expand", "expand_as", "repeat"):
-            x = self.L(args[0])
+            x = self.dims_of(args[0])
             old, new = self.shape(args[0]), tuple(value.shape)
             lead = len(new) - len(old)
             out = [PIN] * lead
@@ -345,16 +349,16 @@ class _Tracer:
         elif name in REDUCE:
             self.reduce(node, where)
         elif name in POOL:
-            x = self.L(args[0])
+            x = self.dims_of(args[0])
             keep = 2 if len(x) >= 3 else 1
             for dim in x[keep:]:
                 self.pin(dim, where)
             out = list(x[:keep]) + [PIN] * (len(x) - keep)
             self.layouts[node] = (out, [PIN] * len(out)) if "with_indices" in name else out
         elif name in ("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"):
-            self.layouts[node] = list(self.L(args[0]))
+            self.layouts[node] = list(self.dims_of(args[0]))
         elif name in ("slice.Tensor",):
-            x = list(self.L(args[0]))
+            x = list(self.dims_of(args[0]))
             dim = args[1] % len(x)
             if self.shape(args[0])[dim] != tuple(value.shape)[dim]:
                 self.pin(x[dim], where)
@@ -383,7 +387,7 @@ class _Tracer:
                 op_shape = self.shape(operand)
                 offset = len(shape) - len(op_shape)
                 if d >= offset and op_shape[d - offset] == shape[d] and shape[d] != 1:
-                    dims.append(self.L(operand)[d - offset])
+                    dims.append(self.dims_of(operand)[d - offset])
             for other in dims[1:]:
                 self.unify(dims[0], other, where)
             out.append(dims[0] if dims else PIN)
@@ -397,16 +401,15 @@ class _Tracer:
                                     out_dim=channel))
 
     def key_of(self, value) -> str | None:
-        signature = self.ep.graph_signature
-        return {**signature.inputs_to_parameters, **signature.inputs_to_buffers}.get(value.name)
+        return self.keys.get(value.name)
 
     def linear(self, node, where: str) -> None:
-        x, weight = self.L(node.args[0]), node.args[1]
-        w = self.L(weight)
+        x, weight = self.dims_of(node.args[0]), node.args[1]
+        w = self.dims_of(weight)
         self.unify(x[-1], w[1], where)
         bias = node.args[2] if len(node.args) > 2 else None
         if isinstance(bias, torch.fx.Node):
-            self.unify(self.L(bias)[0], w[0], where)
+            self.unify(self.dims_of(bias)[0], w[0], where)
         self.label_writer(w[0], node)
         self.layouts[node] = list(x[:-1]) + [w[0]]
         self.layers.append(dict(node=node, kind="linear", keys=[self.key_of(a) for a in (weight, bias)
@@ -420,8 +423,8 @@ class _Tracer:
 
     def conv(self, node, where: str) -> None:
         args = node.args
-        x, weight = self.L(args[0]), args[1]
-        w = self.L(weight)
+        x, weight = self.dims_of(args[0]), args[1]
+        w = self.dims_of(weight)
         groups = int(args[-1]) if len(args) >= 7 else 1
         if _op_name(node.target) == "convolution":
             groups = int(args[8])
@@ -432,7 +435,7 @@ class _Tracer:
             self.pin(dim, where)
         bias = args[2] if len(args) > 2 else None
         if isinstance(bias, torch.fx.Node):
-            self.unify(self.L(bias)[0], w[0], where)
+            self.unify(self.dims_of(bias)[0], w[0], where)
         in_dim = w[1]
         if groups == 1:
             self.unify(x[1], w[1], where)
@@ -457,7 +460,7 @@ class _Tracer:
                                 name=self.module_of(node), in_dim=in_dim, out_dim=w[0]))
 
     def reduce(self, node, where: str) -> None:
-        x = self.L(node.args[0])
+        x = self.dims_of(node.args[0])
         name = _op_name(node.target)
         if name in ("mean.default", "sum.default"):
             self.layouts[node] = []
@@ -536,7 +539,7 @@ class _Tracer:
         return out
 
     def unbind(self, node, name: str, where: str) -> None:
-        x = list(self.L(node.args[0]))
+        x = list(self.dims_of(node.args[0]))
         dim = (node.args[1] if len(node.args) > 1 else 0) % len(x)
         value = node.meta["val"]
         count = len(value) if name == "unbind.int" else None
@@ -549,7 +552,7 @@ class _Tracer:
                 split.parts = [self.new(size) for _ in range(split.factors[0])]
                 self.set_concat(split.node, split.parts, where)
                 for k, part in enumerate(split.parts):
-                    self.label[part] = (self.order, f"{split.node}#{k}")
+                    self.part_of[part] = (split.node, k)
             sub = {}
             for k, part in enumerate(split.parts):
                 if len(split.factors) == 2:
@@ -573,7 +576,7 @@ class _Tracer:
         tensors = [t for t in node.args[0]]
         ndim = len(node.meta["val"].shape)
         dim = (node.args[1] if len(node.args) > 1 else 0) % ndim
-        layouts = [self.L(t) for t in tensors]
+        layouts = [self.dims_of(t) for t in tensors]
         out = list(layouts[0])
         for d in range(ndim):
             if d == dim:
@@ -595,7 +598,7 @@ class _Tracer:
         self.layouts[node] = out
 
     def split(self, node, where: str) -> None:
-        x = list(self.L(node.args[0]))
+        x = list(self.dims_of(node.args[0]))
         dim = (node.args[2] if len(node.args) > 2 else 0) % len(x)
         values = node.meta["val"]
         target = x[dim]
@@ -610,7 +613,7 @@ class _Tracer:
         self.layouts[node] = [list(x[:dim]) + [p] + list(x[dim + 1:]) for p in parts]
 
     def matmul(self, node, where: str) -> None:
-        a, b = self.L(node.args[0]), self.L(node.args[1])
+        a, b = self.dims_of(node.args[0]), self.dims_of(node.args[1])
         if len(a) < 2 or len(b) < 2:
             raise UserError(f"cannot derive the unit graph: {where} with a vector operand is not supported")
         self.unify(a[-1], b[-2], where)
@@ -629,10 +632,10 @@ class _Tracer:
         self.layouts[node] = out + [a[-2], b[-1]]
 
     def sdpa(self, node, where: str) -> None:
-        q, k, v = (self.L(t) for t in node.args[:3])
+        q, k, v = (self.dims_of(t) for t in node.args[:3])
         mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
         if isinstance(mask, torch.fx.Node):
-            for dim in self.L(mask):
+            for dim in self.dims_of(mask):
                 self.pin(dim, where)
         self.unify(q[-1], k[-1], where)
         self.unify(k[-2], v[-2], where)
@@ -648,27 +651,26 @@ class _Tracer:
         used: set[str] = set()
 
         def base_name(root: int) -> str:
-            order, label = self.label.get(root, (math.inf, None))
-            if label is None:
-                owner = next((f"{key}:{axis}" for key, dims in self.key_axes.items() for axis, d in enumerate(dims)
-                              if isinstance(d, int) and self.find(d) == root), f"group{root}")
-                return owner
-            if label.split("#")[0].isdigit():
-                node, part = label.split("#")
-                return f"{name_of(self.find(int(node)), concat_ok=True)}[{part}]"
-            return label
+            """The first layer writing the group; ``<concatenation>[k]`` for a part; else its first key axis."""
+            if root in self.label:
+                return self.label[root][1] or "stem"
+            part = next((p for p in self.part_of if self.find(p) == root), None)
+            if part is not None:
+                whole, k = self.part_of[part]
+                return f"{name_of(self.find(whole))}[{k}]"
+            return next((f"{key}:{axis}" for key, dims in self.key_axes.items() for axis, d in enumerate(dims)
+                         if isinstance(d, int) and self.find(d) == root), f"group{root}")
 
-        def name_of(root: int, concat_ok: bool = False) -> Group:
-            if root in names:
-                return names[root]
-            name = base_name(root) or "stem"
-            candidate, n = name, 1
-            while candidate in used:
-                n += 1
-                candidate = f"{name}~{n}"
-            used.add(candidate)
-            names[root] = candidate
-            return candidate
+        def name_of(root: int) -> Group:
+            if root not in names:
+                name = candidate = base_name(root)
+                n = 1
+                while candidate in used:
+                    n += 1
+                    candidate = f"{name}~{n}"
+                used.add(candidate)
+                names[root] = candidate
+            return names[root]
 
         groups: dict[Group, int] = {}
         blocks: dict[Group, Blocks] = {}
