@@ -11,7 +11,7 @@ OUT=${GRAPH_OUT:-outputs/graph_digits}
 EPOCHS=${GRAPH_EPOCHS:-20}
 declare -A MODEL=(
   [resnet]="model=timm model.name=test_resnet"
-  [vit]="model=timm model.name=test_vit model.kwargs={img_size:32,patch_size:4} optimizer=adamw optimizer.lr=0.001"
+  [vit]="model=timm model.name=test_vit ++model.kwargs={img_size:32,patch_size:4} optimizer=adamw optimizer.lr=0.001"
 )
 train() {  # arch, run folder, overrides...
   local arch=$1 dir=$2; shift 2

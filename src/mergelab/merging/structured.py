@@ -165,15 +165,19 @@ def activation_matching(graph: UnitGraph, stats: Mapping[Group, FeatureStats], a
     return assign(graph, {g: s.block(a, b) for g, s in stats.items()})
 
 
-def _writer_rows(graph: UnitGraph, group: Group, state: State, perms: Mapping[Group, torch.Tensor]
-                 ) -> torch.Tensor | None:
-    """The incoming weights of ``group``'s units: every slice on axis 0 of a linear/conv weight, its input axis
-    reindexed by ``perms`` (OT's past correction), rows concatenated (float64)."""
+def _writer_rows(graph: UnitGraph, group: Group, state: State, perms: Mapping[Group, torch.Tensor],
+                 ready: set[Group]) -> torch.Tensor | None:
+    """The incoming weights of ``group``'s units: every slice on axis 0 of a linear/conv weight whose inputs are
+    pixels or groups in ``ready`` (aligned already; for a residual stream, the writers met first, as
+    :mod:`mergelab.merging.otfusion` does), its input axes reindexed by ``perms`` (OT's past correction), rows
+    concatenated (float64)."""
     weights = {key for layer in graph.layers if layer.kind in ("linear", "conv") for key in layer.keys[:1]}
     rows = []
     n = graph.groups[group]
     for key, axis, start in graph.slices(group):
-        if axis != 0 or key not in weights:
+        inputs = {g for entry in graph.axes[key][1:] if entry is not None
+                  for g in (entry if isinstance(entry, tuple) else (entry,))}
+        if axis != 0 or key not in weights or not inputs <= ready:
             continue
         w = state[key].detach().cpu().double().narrow(0, start, n)
         for other, entry in enumerate(graph.axes[key][1:], 1):
@@ -208,8 +212,8 @@ def ot_permutations(graph: UnitGraph, state_a: State, state_b: State, *, alignme
         scores = {}
         for g in members:
             if alignment == "weights":
-                rows_a = _writer_rows(graph, g, state_a, {})
-                rows_b = _writer_rows(graph, g, state_b, {k: v for k, v in perms.items()})
+                rows_a = _writer_rows(graph, g, state_a, {}, set(perms))
+                rows_b = _writer_rows(graph, g, state_b, perms, set(perms))
                 if rows_a is None:
                     continue
                 scores[g] = -torch.cdist(rows_a, rows_b)  # rows: A's units, columns: B's units
