@@ -107,3 +107,35 @@ def test_zipit_merges_a_permuted_copy_into_the_model(pair):
     else:
         merged.load_state_dict(zip_states(graph, states, zip_groups(stats, alpha=0.5, beta=0.5)), strict=False)
     torch.testing.assert_close(merged(x), model(x), rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_structured_assignment_is_the_best_structured_permutation():
+    """Brute force over every structured permutation of two children sharing a heads group (3 heads x 2 dims):
+    ``structured.assign`` reaches the maximum of sum_c <S_c, P_c>, by LAP and by EMD."""
+    import itertools
+
+    from mergelab.models import Blocks, UnitGraph, check_permutation
+
+    graph = UnitGraph({"qk": 6, "vo": 6, "heads": 3}, {"w": ("qk", "vo")}, (),
+                      {"qk": Blocks("heads", 3), "vo": Blocks("heads", 3)})
+    generator = torch.Generator().manual_seed(0)
+    scores = {"qk": torch.randn(6, 6, generator=generator, dtype=torch.float64),
+              "vo": torch.randn(6, 6, generator=generator, dtype=torch.float64)}
+
+    def value(perms):
+        return sum(float(s[torch.arange(6), perms[g]].sum()) for g, s in scores.items())
+
+    best = -float("inf")
+    within = list(itertools.permutations(range(2)))
+    for heads in itertools.permutations(range(3)):
+        for qk in itertools.product(within, repeat=3):
+            for vo in itertools.product(within, repeat=3):
+                choice = {"heads": torch.tensor(heads), "qk": torch.zeros(6, dtype=torch.long),
+                          "vo": torch.zeros(6, dtype=torch.long)}
+                for group, inner in (("qk", qk), ("vo", vo)):
+                    choice[group] = torch.cat([heads[h] * 2 + torch.tensor(inner[h]) for h in range(3)])
+                best = max(best, value(choice))
+    for solver in ("lap", "emd"):
+        perms = structured.assign(graph, scores, solver=solver)
+        check_permutation(graph, perms)
+        assert value(perms) == pytest.approx(best)
