@@ -2,7 +2,7 @@
 # Regenerates the tables of docs/graphs.md: timm models with derived unit graphs, trained on digits at 32x32.
 # Trains two test_resnet and two small ViTs (test_vit, 4x4 patches) from seeds 0 and 1 on all ten digits, and one
 # of each on digits 0-4 (seed 2) and one on 5-9 (seed 3); fuses each pair with permutation matching and OT fusion (weights and
-# activations, BatchNorm statistics recomputed), zips the task pairs (ZipIt! vs average and permute), then prints
+# activations, each also with BatchNorm statistics recomputed: +recompute_bn), zips the task pairs (ZipIt! vs average and permute), then prints
 # the markdown tables (bench/graph_table.py).
 # Run from the repository root: bash bench/graph_digits.sh   (GRAPH_OUT=<folder> to write elsewhere; extra
 # arguments go to every command, e.g. device=cpu; SKIP_TRAIN=1 reuses trained models)

@@ -29,9 +29,9 @@ def fusion_table(rows: list[dict]) -> list[str]:
     lines = ["| method | test acc | +recompute BN | time (s) |", "|---|---|---|---|"]
     by_name = {r["method"]: r for r in rows}
     for row in rows:
-        if row["method"].endswith(" +bn reset"):
+        if row["method"].endswith("+recompute_bn"):
             continue
-        reset = by_name.get(f"{row['method']} +bn reset")
+        reset = by_name.get(f"{row['method']}+recompute_bn")
         name = row["method"].split(" (")[0] if row["method"].startswith("model ") else row["method"]
         lines.append(f"| {name} | {row['test_acc']:.2f} | {reset['test_acc']:.2f} |" if reset else
                      f"| {name} | {row['test_acc']:.2f} | |")

@@ -237,9 +237,9 @@ def align(merge, graph: UnitGraph, state_a: State, state_b: State, stats=None, a
                  if merge.alignment == "weights" else activation_matching(graph, stats, a, b))
     elif merge.name == "ot":
         options = merge.options
-        if options["solver"] != "emd" or options["marginals"] != "uniform" or not options["correction"]:
+        if options["solver"] != "emd" or options["marginals"] != "uniform" or not options["rescale_plan"]:
             raise UserError("OT fusion of a model with attention heads or norm groups needs merge.solver=emd, "
-                            "merge.marginals=uniform and merge.correction=true (its plans are permutations)")
+                            "merge.marginals=uniform and merge.rescale_plan=true (its plans are permutations)")
         perms = ot_permutations(graph, state_a, state_b, alignment=merge.alignment, stats=stats, a=a, b=b)
     else:
         raise UserError(f"merge={merge.name} cannot align a model with attention heads or norm groups; "
