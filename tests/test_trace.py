@@ -116,18 +116,16 @@ def test_dropping_any_axis_breaks_invariance(case):
     permuted_state = apply_permutation(graph, state, perms)
     fresh = copy.deepcopy(model)
     fresh.load_state_dict(permuted_state)
+    tensors = {**dict(fresh.named_parameters()), **dict(fresh.named_buffers())}
     reference = model(x)
     for key, axes in graph.axes.items():
         for axis, entry in enumerate(axes):
             if entry is None:
                 continue
             broken = replace(graph, axes={key: axes[:axis] + (None,) + axes[axis + 1:]})
-            tensor = apply_permutation(broken, {key: state[key]}, perms)[key]
-            fresh.get_parameter(key).copy_(tensor) if key in dict(fresh.named_parameters()) else \
-                fresh.get_buffer(key).copy_(tensor)
+            tensors[key].copy_(apply_permutation(broken, {key: state[key]}, perms)[key])
             assert not torch.allclose(fresh(x), reference), f"{name}: {key} axis {axis} is not needed"
-            target = fresh.get_parameter(key) if key in dict(fresh.named_parameters()) else fresh.get_buffer(key)
-            target.copy_(permuted_state[key])
+            tensors[key].copy_(permuted_state[key])
 
 
 @torch.no_grad()
