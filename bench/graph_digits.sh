@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Regenerates the tables of docs/graphs.md: timm models with derived unit graphs, trained on digits at 32x32.
-# Trains two test_resnet and two small ViTs (test_vit, 4x4 patches) from seeds 0 and 1 on all ten digits, and one
-# of each on digits 0-4 (seed 2) and one on 5-9 (seed 3); fuses each pair with permutation matching and OT fusion (weights and
-# activations, each also with BatchNorm statistics recomputed: +recompute_bn), zips the task pairs (ZipIt! vs average and permute), then prints
-# the markdown tables (bench/graph_table.py).
+# Trains two test_resnet (20 epochs) and two small ViTs (test_vit, 4x4 patches, AdamW, 50 epochs) from seeds 0 and 1
+# on all ten digits, and two test_resnet on digits 0-4 (seed 2) and 5-9 (seed 3); fuses each pair with permutation
+# matching and OT fusion (EMD; weights and activations; each also with BatchNorm statistics recomputed,
+# +recompute_bn), zips the task pair (ZipIt! vs average and permute), then prints the markdown tables
+# (bench/graph_table.py). About 40 minutes on 2 shared CPU cores.
 # Run from the repository root: bash bench/graph_digits.sh   (GRAPH_OUT=<folder> to write elsewhere; extra
 # arguments go to every command, e.g. device=cpu; SKIP_TRAIN=1 reuses trained models)
 set -euo pipefail
 OUT=${GRAPH_OUT:-outputs/graph_digits}
-EPOCHS=${GRAPH_EPOCHS:-20}
+declare -A EPOCHS=([resnet]=20 [vit]=50)
 declare -A MODEL=(
   [resnet]="model=timm model.name=test_resnet"
   [vit]="model=timm model.name=test_vit ++model.kwargs={img_size:32,patch_size:4} optimizer=adamw optimizer.lr=0.001"
@@ -16,7 +17,7 @@ declare -A MODEL=(
 train() {  # arch, run folder, overrides...
   local arch=$1 dir=$2; shift 2
   # shellcheck disable=SC2086
-  python train.py ${MODEL[$arch]} dataset.image_size=32 train.epochs="$EPOCHS" ema.decays=[] progress=false \
+  python train.py ${MODEL[$arch]} dataset.image_size=32 train.epochs="${EPOCHS[$arch]}" ema.decays=[] progress=false \
     "hydra.run.dir=$OUT/$arch/$dir" "$@"
 }
 for arch in resnet vit; do
@@ -31,6 +32,7 @@ for arch in resnet vit; do
   python fuse.py --multirun "models=$OUT/$arch/all/*" dataset.image_size=32 merge=ot merge.solver=emd \
     merge.alignment=weights,activations progress=false "hydra.sweep.dir=$OUT/fuse/$arch/ot" "$@"
   # ZipIt! merges features freely and would split attention heads: zip.py refuses ViTs in one line.
-  [ $arch = vit ] || python zip.py "models=$OUT/$arch/tasks/*" dataset.image_size=32 progress=false "hydra.run.dir=$OUT/zip/$arch" "$@"
+  [ $arch = vit ] || python zip.py "models=$OUT/$arch/tasks/*" dataset.image_size=32 progress=false \
+    "hydra.run.dir=$OUT/zip/$arch" "$@"
 done
 python bench/graph_table.py "$OUT"
