@@ -248,3 +248,26 @@ def test_unsupported_operations_are_refused_in_one_line(module, x, message):
 def test_unknown_input_size_is_refused():
     with pytest.raises(UserError, match="input size is unknown; pass an example input"):
         unit_graph(Sorted())
+
+
+@pytest.mark.parametrize("name", ["test_efficientnet_gn", "test_vit4", "test_mambaout", "test_byobnet"])
+@torch.no_grad()
+def test_more_timm_models_are_derived_exactly(name):
+    """Further timm architectures (GroupNorm EfficientNet, a 3-head ViT, MambaOut's gated convolutions, BYOBNet):
+    invariance under a random structured permutation."""
+    model = randomise(TimmModel(num_classes=10, in_channels=1, image_size=32, name=name))
+    graph = unit_graph(model)
+    perms = moving_permutation(graph)
+    check_permutation(graph, perms)
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    torch.testing.assert_close(load_permuted(model, graph, perms)(x), model(x), rtol=1e-9, atol=1e-9)
+    if name in ("test_efficientnet_gn", "test_vit4"):
+        assert graph.blocks
+
+
+def test_export_failure_is_one_line():
+    """A model torch.export cannot run at this input size (MaxViT's windows): one line, torch's log kept quiet."""
+    model = TimmModel(num_classes=10, in_channels=1, image_size=32, name="test_maxvit")
+    with pytest.raises(UserError, match="cannot derive the unit graph of TimmModel: torch.export failed: ") as error:
+        unit_graph(model)
+    assert "\n" not in str(error.value)

@@ -36,6 +36,7 @@ group.
 
 from __future__ import annotations
 
+import logging
 import math
 import operator
 from dataclasses import dataclass
@@ -828,6 +829,9 @@ def derive_graph(model: nn.Module, example: torch.Tensor | None = None) -> UnitG
     example = _example_input(model) if example is None else example
     was_training = model.training
     model.eval()
+    quiet = logging.getLogger("torch._subclasses.fake_tensor")  # logs a traceback before export raises
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         exported = torch.export.export(model, (example,), strict=False)
     except UserError:
@@ -838,6 +842,7 @@ def derive_graph(model: nn.Module, example: torch.Tensor | None = None) -> UnitG
                         f"{first[:300]}") from error
     finally:
         model.train(was_training)
+        quiet.setLevel(level)
     tracer = _Tracer(exported, model)
     tracer.run()
     return tracer.graph()
