@@ -62,9 +62,11 @@ class Factor:
 
 
 class _Split:
+    """A reshape of channel node ``node`` into ``factors``; ``parts``: its nodes once unbound along factor 0."""
+
     def __init__(self, node: int, factors: tuple[int, ...]):
         self.node, self.factors = node, factors
-        self.parts: list[int] | None = None  # after unbind along factor 0: one node per part
+        self.parts: list[int] | None = None
 
 
 def _op_name(target) -> str:
@@ -727,7 +729,8 @@ class _Tracer:
             out = axis_entry(info["out_dim"])
             in_ = axis_entry(info["in_dim"]) if isinstance(info["in_dim"], int) else None
             seen.update(keys)
-            layers.append(Layer(info["name"], info["kind"], keys, in_, out, self.hook_of(info["node"], info["out_dim"])))
+            hook = self.hook_of(info["node"], info["out_dim"])
+            layers.append(Layer(info["name"], info["kind"], keys, in_, out, hook))
         for info in self.layers:  # the channel axis of every weight layer's own output, for per-layer statistics
             layout, root = self.layouts.get(info["node"]), self.find(info["out_dim"])
             if isinstance(layout, tuple):
