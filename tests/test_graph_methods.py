@@ -1,25 +1,23 @@
 """Alignment methods on derived unit graphs: for every model of the list, a model and a randomly permuted copy of it.
 
 Weight matching recovers the permutation exactly (so the aligned copy equals the model); OT (EMD) fusion, ZipIt! and
-permutation by activations merge the two into the model's own function. The methods are called through the same
-entry points the scripts use (``fuse.align_all``; ZipIt!'s ``feature_stats`` / ``zip_groups`` / ``zip_states``).
+permutation by activations merge the two into the model's own function. The methods go through the merge engine as
+the scripts do (``engine.match``, ``engine.merge_models``; structured graphs through ``structured.match``).
 """
 
 import copy
-from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from mergelab.merging import structured
+from mergelab.merging import engine, structured
 from mergelab.merging.align import Permute
-from mergelab.merging.features import feature_stats
 from mergelab.merging.otfusion import OTFusion
-from mergelab.merging.zipit import zip_groups, zip_states
+from mergelab.merging.zipit import ZipIt
 from mergelab.models import TimmModel, apply_permutation, build_model, unit_graph
-from mergelab.tasks.fuse import align_all
+from mergelab.tasks.fuse import aligned_state
 from tests.test_graph import CONF
 from tests.test_trace import TIMM, moving_permutation, randomise
 
@@ -61,51 +59,37 @@ def pair(request):
     return request.param, model, graph, permuted, x
 
 
-def merged_function(model, aligned_state, x):
-    """The average of ``model`` and ``aligned_state``, evaluated on ``x``."""
-    merged = copy.deepcopy(model)
-    state = model.state_dict()
-    merged.load_state_dict({k: (v + aligned_state[k]) / 2 if v.is_floating_point() else v for k, v in state.items()})
-    return merged(x)
-
-
-def align(merge, model, graph, permuted, x):
-    data = SimpleNamespace(train_eval=[(x, torch.zeros(len(x)))])
-    return align_all(merge, graph, [model, permuted], [model.state_dict(), permuted.state_dict()], 0, data, 0)[1]
+def matched(merge, model, graph, permuted, x):
+    """The merge engine's transforms of ``merge`` for the model (anchor) and its permuted copy."""
+    return engine.match(merge, [model, permuted], graph, [(x, torch.zeros(len(x)))], anchor=0)
 
 
 @torch.no_grad()
 def test_weight_matching_recovers_a_permuted_copy(pair):
     name, model, graph, permuted, x = pair
-    aligned = align(Permute(alignment="weights"), model, graph, permuted, x)
+    transforms = matched(Permute(alignment="weights"), model, graph, permuted, x)
+    aligned = aligned_state(graph, [model.state_dict(), permuted.state_dict()], transforms, 1)
     for key, tensor in model.state_dict().items():
         torch.testing.assert_close(aligned[key], tensor, msg=f"{name}: {key}")
 
 
+class ZipItBeforeReLU(ZipIt):
+    """ZipIt! on the features before the nonlinearity (the paper reads them after)."""
+
+    features = "pre"
+
+
 # Features before the nonlinearity (where="pre"): a ReLU unit dead on the data has no features that identify it.
-@pytest.mark.parametrize("merge", [Permute(alignment="activations", where="pre", num_samples=10_000),
+@pytest.mark.parametrize("merge", [Permute(alignment="activations", where="pre", num_samples=None),
                                    OTFusion(alignment="weights", solver="emd"),
-                                   OTFusion(alignment="activations", where="pre", solver="emd",
-                                            num_samples=10_000)],
-                         ids=["permute-activations", "ot-weights-emd", "ot-activations-emd"])
+                                   OTFusion(alignment="activations", where="pre", solver="emd", num_samples=None),
+                                   ZipItBeforeReLU(num_samples=None)],
+                         ids=["permute-activations", "ot-weights-emd", "ot-activations-emd", "zipit"])
 @torch.no_grad()
-def test_alignment_merges_a_permuted_copy_into_the_model(pair, merge):
+def test_merging_a_permuted_copy_returns_the_model(pair, merge):
     name, model, graph, permuted, x = pair
-    aligned = align(merge, model, graph, permuted, x)
-    torch.testing.assert_close(merged_function(model, aligned, x), model(x), rtol=1e-6, atol=1e-6, msg=name)
-
-
-@torch.no_grad()
-def test_zipit_merges_a_permuted_copy_into_the_model(pair):
-    name, model, graph, permuted, x = pair
-    stats = feature_stats([model, permuted], graph, [(x, None)], where="pre")
-    states = [model.state_dict(), permuted.state_dict()]
-    merged = copy.deepcopy(model)
-    if graph.structured:  # heads are matched one to one (structured.zip_groups), the other groups zipped
-        merged.load_state_dict(structured.zip_states(graph, states, structured.zip_groups(graph, stats, alpha=0.5,
-                                                                                          beta=0.5)))
-    else:
-        merged.load_state_dict(zip_states(graph, states, zip_groups(stats, alpha=0.5, beta=0.5)), strict=False)
+    transforms = matched(merge, model, graph, permuted, x)
+    merged = engine.merge_models([model, permuted], graph, transforms)
     torch.testing.assert_close(merged(x), model(x), rtol=1e-6, atol=1e-6, msg=name)
 
 

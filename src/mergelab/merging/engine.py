@@ -196,12 +196,37 @@ def merge_tensors(transform: Transform | None, tensors: Sequence[torch.Tensor], 
     return total / mass.to(total).view(-1, *([1] * (total.ndim - 1)))
 
 
-def inputs_to_merged(tensor: torch.Tensor, axes: Sequence[Group | None], transforms: Mapping[Group, Transform],
-                     i: int) -> torch.Tensor:
-    """Model ``i``'s ``tensor`` with every grouped input axis (axis >= 1) reading the merged units: ``W U_i``."""
-    for axis, group in enumerate(axes[1:], start=1):
-        if group in transforms:
-            tensor = transforms[group].to_merged(tensor, axis, i)
+def entry_to_merged(tensor: torch.Tensor, axis: int, entry, transforms: Mapping[Group, Transform], i: int,
+                    graph: UnitGraph | None = None) -> torch.Tensor:
+    """Model ``i``'s units on ``axis`` (one group, or a concatenation of groups: the unit graph's tuple entries,
+    each part moved on its own slice) moved onto the merged units."""
+    if not isinstance(entry, tuple):
+        return transforms[entry].to_merged(tensor, axis, i) if entry in transforms else tensor
+    pieces, start = [], 0
+    for part in entry:
+        size = graph.groups[part]
+        piece = tensor.narrow(axis, start, size)
+        pieces.append(transforms[part].to_merged(piece, axis, i) if part in transforms else piece)
+        start += size
+    return torch.cat(pieces, axis)
+
+
+def output_axis(layer: Layer, axes: Sequence) -> int | None:
+    """The output axis of one of ``layer``'s keys: axis 0 of a linear or convolution (grouped or not: a
+    classifier's logits are not), else the first grouped axis (the channel axis of a norm's vectors or of a
+    per-channel parameter such as a position embedding ``(1, tokens, channels)``); ``None`` if none is grouped."""
+    if layer.kind in ("linear", "conv"):
+        return 0
+    return next((axis for axis, entry in enumerate(axes) if entry is not None), None)
+
+
+def inputs_to_merged(tensor: torch.Tensor, axes: Sequence, transforms: Mapping[Group, Transform], i: int,
+                     graph: UnitGraph | None = None, out: int | None = 0) -> torch.Tensor:
+    """Model ``i``'s ``tensor`` with every grouped input axis (after the output axis ``out``) reading the merged
+    units: ``W U_i``."""
+    for axis, entry in enumerate(axes):
+        if out is not None and axis > out and entry is not None:
+            tensor = entry_to_merged(tensor, axis, entry, transforms, i, graph)
     return tensor
 
 
@@ -210,9 +235,10 @@ def merge_states(graph: UnitGraph, states: Sequence[State], transforms: Mapping[
                  ) -> dict[str, torch.Tensor]:
     """The merged tensors of ``layers`` (default: all of the graph's), in float64, cast back to each dtype.
 
-    Per key: model ``i``'s inputs read the merged units (:func:`inputs_to_merged`), then the output axis (axis 0)
-    is merged by :func:`merge_tensors`. Groups without a transform are left alone (averaged with the weights).
-    Integer buffers (BatchNorm's batch count) come from the first model.
+    Per key: model ``i``'s inputs read the merged units (:func:`inputs_to_merged`), then the output axis
+    (:func:`output_axis`) is merged by :func:`merge_tensors`, part by part where it is a concatenation (a fused
+    attention projection). Groups without a transform are left alone (averaged with the weights). Integer
+    buffers (BatchNorm's batch count) come from the first model.
     """
     merged = {}
     for layer in graph.layers if layers is None else layers:
@@ -221,8 +247,20 @@ def merge_states(graph: UnitGraph, states: Sequence[State], transforms: Mapping[
             if not first.is_floating_point():
                 merged[key] = first
                 continue
-            tensors = [inputs_to_merged(state[key].double(), axes, transforms, i) for i, state in enumerate(states)]
-            merged[key] = merge_tensors(transforms.get(axes[0] if axes else None), tensors, weights).to(first.dtype)
+            out = output_axis(layer, axes)
+            tensors = [inputs_to_merged(state[key].double(), axes, transforms, i, graph, out)
+                       for i, state in enumerate(states)]
+            if out is None or axes[out] is None:
+                merged[key] = merge_tensors(None, tensors, weights).to(first.dtype)
+                continue
+            parts = axes[out] if isinstance(axes[out], tuple) else (axes[out],)
+            pieces, start = [], 0
+            for part in parts:
+                size = tensors[0].shape[out] if len(parts) == 1 else graph.groups[part]
+                chunk = [t.movedim(out, 0).narrow(0, start, size) for t in tensors]
+                pieces.append(merge_tensors(transforms.get(part), chunk, weights).movedim(0, out))
+                start += size
+            merged[key] = torch.cat(pieces, out).to(first.dtype)
     return merged
 
 
@@ -230,7 +268,8 @@ def unmerge_inputs(layers: Sequence[Layer], graph: UnitGraph, state: State, tran
                    i: int) -> dict[str, torch.Tensor]:
     """Model ``i``'s tail after a partial merge: every input axis of ``layers`` reading a merged group reads the
     merged units instead (``W U_i``; ZipIt! Sec. 4.3 "partial zipping"). Other keys are unchanged."""
-    return {key: inputs_to_merged(state[key].double(), graph.axes[key], transforms, i).to(state[key].dtype)
+    return {key: inputs_to_merged(state[key].double(), graph.axes[key], transforms, i, graph,
+                                  output_axis(layer, graph.axes[key])).to(state[key].dtype)
             for layer in layers for key in layer.keys if any(g in transforms for g in graph.axes[key][1:])}
 
 
@@ -240,11 +279,20 @@ def unmerge_inputs(layers: Sequence[Layer], graph: UnitGraph, state: State, tran
 def trunk_graph(graph: UnitGraph, layers: Sequence[Layer]) -> UnitGraph:
     """The unit graph of ``layers`` alone: only the groups they write, only their keys. Methods matched on it see
     neither the layers after a cut nor their groups (a partial merge matches only what it merges)."""
-    groups = {layer.out_group for layer in layers if layer.out_group is not None}
+    groups = {part for layer in layers if layer.out_group is not None
+              for part in (layer.out_group if isinstance(layer.out_group, tuple) else (layer.out_group,))}
+    groups |= {graph.blocks[g].parent for g in groups if g in graph.blocks and graph.blocks[g].parent is not None}
     keys = {key for layer in layers for key in layer.keys}
-    axes = {key: tuple(g if g in groups else None for g in graph.axes[key]) for key in graph.axes if key in keys}
+
+    def kept(entry):
+        if isinstance(entry, tuple):
+            return entry if all(part in groups for part in entry) else None
+        return entry if entry in groups else None
+
+    axes = {key: tuple(kept(g) for g in graph.axes[key]) for key in graph.axes if key in keys}
     return dataclasses.replace(graph, groups={g: n for g, n in graph.groups.items() if g in groups}, axes=axes,
-                               layers=tuple(layers))
+                               layers=tuple(layers),
+                               blocks={g: b for g, b in graph.blocks.items() if g in groups})
 
 
 def merged_layers(model: nn.Module, graph: UnitGraph, cut: Cut | None) -> list[Layer]:
@@ -323,6 +371,10 @@ def match(method: Method, models: Sequence[nn.Module], graph: UnitGraph, batches
             cache[key] = feature_stats(models, graph, take(batches, method.num_samples), where=method.features,
                                        writers=writers)
         stats = cache[key]
+    if graph.structured and method.label != "average":  # heads, norm groups, concatenations: keep the structure
+        from mergelab.merging import structured
+
+        return structured.match(method, graph, models, stats, anchor)
     return method.match(graph, models, stats, anchor)
 
 

@@ -240,7 +240,9 @@ def feature_stats(models: Sequence[nn.Module], graph: UnitGraph, batches: Iterab
 def hooked_eval(models: Sequence[nn.Module], hooks: Iterable[tuple[nn.Module, str, Callable]]) -> Iterator[None]:
     """``models`` in eval mode with forward hooks ``(model, module name, hook)`` registered; both undone on exit."""
     was_training = [model.training for model in models]
-    handles = [model.get_submodule(name).register_forward_hook(hook) for model, name, hook in hooks]
+    # A hook marked ``reads_input`` runs before the module (its input, before an in-place activation overwrites it).
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook) if getattr(hook, "reads_input", False)
+               else model.get_submodule(name).register_forward_hook(hook) for model, name, hook in hooks]
     try:
         for model in models:
             model.eval()
@@ -253,11 +255,21 @@ def hooked_eval(models: Sequence[nn.Module], hooks: Iterable[tuple[nn.Module, st
 
 
 def _capture(store: list[torch.Tensor], read_input: bool, dim: int = 1, start: int = 0, units: int | None = None):
-    """A forward hook appending the module's output (or first input) with units ``start:start + units`` of axis
-    ``dim`` moved to dim 1 (what the accumulators read: samples on dim 0, units on dim 1, positions after)."""
-    def hook(module, inputs, output):
-        features = (inputs[0] if read_input else output).detach()
+    """A hook appending the module's output, or its first input (a forward pre-hook, copied: timm's activations
+    work in place), with units ``start:start + units`` of axis ``dim`` moved to dim 1 (what the accumulators
+    read: samples on dim 0, units on dim 1, positions after)."""
+    def keep(features: torch.Tensor) -> None:
+        features = features.detach()
         if units is not None and (start or units != features.shape[dim]):
             features = features.narrow(dim, start, units)
         store.append(features if dim in (1, 1 - features.ndim) else features.movedim(dim, 1))
+
+    if read_input:
+        def pre_hook(module, inputs):
+            keep(inputs[0].clone())
+        pre_hook.reads_input = True
+        return pre_hook
+
+    def hook(module, inputs, output):
+        keep(output)
     return hook

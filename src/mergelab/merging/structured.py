@@ -3,8 +3,9 @@
 A structured group (:class:`~mergelab.models.graph.Blocks`) may only be permuted by moving its blocks as wholes, by
 its parent group's permutation, and permuting inside each block; a fused attention projection's output axis is the
 concatenation ``(qk, qk, vo)`` of its groups' units (:meth:`UnitGraph.slices`). The unstructured solvers of
-:mod:`mergelab.merging.align` and :mod:`mergelab.merging.otfusion` read neither; methods call :func:`align` (the one
-entry point) for graphs with ``graph.structured``.
+:mod:`mergelab.merging.align`, :mod:`mergelab.merging.otfusion` and :mod:`mergelab.merging.zipit` read neither;
+the merge engine calls :func:`match` (the one entry point) instead of the method's own ``match`` for graphs with
+``graph.structured``, and merges the permutation zips it returns like any other.
 
 The assignment keeps the structure exactly. For a parent group ``P`` (e.g. the heads) with children ``C`` (e.g.
 ``qk`` and ``vo``), each child's similarity matrix ``S_c`` (A's units x B's units) is cut into blocks; the value of
@@ -35,7 +36,7 @@ import torch
 from mergelab.errors import UserError
 from mergelab.merging.align import solve_assignment
 from mergelab.merging.features import FeatureStats
-from mergelab.models.graph import Group, UnitGraph, apply_permutation, axis_index
+from mergelab.models.graph import Group, UnitGraph, axis_index
 
 State = Mapping[str, torch.Tensor]
 
@@ -227,88 +228,56 @@ def ot_permutations(graph: UnitGraph, state_a: State, state_b: State, *, alignme
     return perms
 
 
-def align(merge, graph: UnitGraph, state_a: State, state_b: State, stats=None, a: int = 0, b: int = 1,
-          keys: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
-    """Model B aligned to model A on a structured graph by ``merge`` (``merge=permute``: weight or activation
-    matching; ``merge=ot``: exact-EMD OT fusion by weights or activations): the one entry point methods call when
-    ``graph.structured``. ``keys``: the parameters in the weight-matching objective."""
-    if merge.name == "permute":
-        perms = (weight_matching(graph, state_a, state_b, keys=keys, max_iter=merge.max_iter, seed=merge.seed)
-                 if merge.alignment == "weights" else activation_matching(graph, stats, a, b))
-    elif merge.name == "ot":
-        options = merge.options
-        if options["solver"] != "emd" or options["marginals"] != "uniform" or not options["rescale_plan"]:
+def match(method, graph: UnitGraph, models, stats: Mapping[Group, FeatureStats] | None, anchor: int) -> dict:
+    """The merge engine's step 1 for a structured graph (:func:`mergelab.merging.engine.match` calls it when
+    ``graph.structured``): every model permuted onto the anchor by ``method`` with the structure kept, as a
+    permutation zip per group. ``merge=permute``: weight matching (parameters only) or activation matching;
+    ``merge=ot``: exact-EMD OT fusion by weights or activations (its plans are permutations); ``merge=zipit``:
+    :func:`zip_groups`."""
+    from mergelab.merging.engine import permutation_zip
+
+    states = [m.state_dict() for m in models]
+    if method.name == "zipit":
+        if len(models) != 2:
+            raise UserError("ZipIt! of a model with attention heads or norm groups merges two models")
+        return zip_groups(graph, stats, alpha=method.alpha, beta=method.beta, budget_rule=method.budget_rule)
+    if method.name == "ot":
+        if method.solver != "emd" or method.marginals != "uniform" or not method.rescale_plan:
             raise UserError("OT fusion of a model with attention heads or norm groups needs merge.solver=emd, "
                             "merge.marginals=uniform and merge.rescale_plan=true (its plans are permutations)")
-        perms = ot_permutations(graph, state_a, state_b, alignment=merge.alignment, stats=stats, a=a, b=b)
-    else:
-        raise UserError(f"merge={merge.name} cannot align a model with attention heads or norm groups; "
-                        "use merge=permute or merge=ot")
-    return apply_permutation(graph, state_b, perms)
+    elif method.name != "permute":
+        raise UserError(f"merge={method.name} cannot align a model with attention heads or norm groups; "
+                        "use merge=permute, merge=ot or merge=zipit")
+    params = [name for name, _ in models[0].named_parameters()]
+    perms = []
+    for k in range(len(models)):
+        if k == anchor:
+            perms.append({group: torch.arange(n) for group, n in graph.groups.items()})
+        elif method.name == "ot":
+            perms.append(ot_permutations(graph, states[anchor], states[k], alignment=method.alignment, stats=stats,
+                                         a=anchor, b=k))
+        elif method.alignment == "weights":
+            perms.append(weight_matching(graph, states[anchor], states[k], keys=params, max_iter=method.max_iter,
+                                         seed=method.seed))
+        else:
+            perms.append(activation_matching(graph, stats, anchor, k))
+    return {group: permutation_zip([p[group] for p in perms]) for group in graph.groups}
 
 
-def zip_groups(graph: UnitGraph, stats: Mapping[Group, FeatureStats], *, alpha: float, beta: float) -> dict:
+def zip_groups(graph: UnitGraph, stats: Mapping[Group, FeatureStats], *, alpha: float, beta: float,
+               budget_rule: str = "original") -> dict:
     """ZipIt! matching of a structured graph: plain groups are zipped as the paper does
     (:func:`mergelab.merging.zipit.zip_groups`); a structured family cannot merge features freely (two dims of one
     head with each other, or across heads), so its groups are matched one to one between the two models by
     :func:`activation_matching` and zipped as that permutation (heads as wholes, dims within heads)."""
-    from mergelab.merging.zipit import permutation_zip, zip_groups as zip_plain
+    from mergelab.merging.engine import permutation_zip
+    from mergelab.merging.zipit import zip_groups as zip_plain
 
     structured_groups = {g for root, children in families(graph) if children for g in (root, *children)}
-    zips = zip_plain({g: s for g, s in stats.items() if g not in structured_groups}, alpha=alpha, beta=beta)
-    inside = {g: s for g, s in stats.items() if g in structured_groups}
-    if inside:
-        if next(iter(inside.values())).num_models != 2:
-            raise UserError("ZipIt! of a model with attention heads or norm groups merges two models")
-        perms = activation_matching(graph, {**inside, **{g: s for g, s in stats.items() if g not in inside}})
-        zips.update({g: permutation_zip([torch.arange(graph.groups[g]), perms[g]]) for g in inside})
+    zips = zip_plain({g: s for g, s in stats.items() if g not in structured_groups}, alpha=alpha, beta=beta,
+                     budget_rule=budget_rule)
+    if any(g in structured_groups for g in stats):
+        perms = activation_matching(graph, stats, 0, 1)
+        zips.update({g: permutation_zip([torch.arange(graph.groups[g]), perms[g]])
+                     for g in structured_groups if g in perms})
     return zips
-
-
-def zip_states(graph: UnitGraph, states: list[State], zips: Mapping) -> dict[str, torch.Tensor]:
-    """The zipped weights ``sum_i M_i^out W_i U_i^in`` (ZipIt! Sec. 4.2) of every key of a graph with concatenated
-    axes and per-channel parameters of any rank: a key's first grouped axis is its output (merged features
-    average their members), every later grouped axis an input (a merged feature feeds the sum of its members'
-    columns); a concatenated axis is zipped part by part. Axes of groups without a zip are averaged as they are."""
-    merged = {}
-    for key, first in states[0].items():
-        if not first.is_floating_point():
-            merged[key] = first
-            continue
-        entries = graph.axes[key]
-        total = None
-        for i, state in enumerate(states):
-            tensor = state[key].double()
-            for axis, entry in enumerate(entries):
-                tensor = _zip_axis(graph, tensor, axis, entry, zips, i)
-            total = tensor if total is None else total + tensor
-        output = next(((axis, entry) for axis, entry in enumerate(entries) if entry is not None), None)
-        if output is None:
-            total = total / len(states)
-        else:
-            axis, entry = output
-            sizes = torch.cat([zips[g].sizes.double() if g in zips else torch.full((graph.groups[g],), len(states),
-                                                                                   dtype=torch.float64)
-                               for g in (entry if isinstance(entry, tuple) else (entry,))])
-            shape = [1] * total.ndim
-            shape[axis] = -1
-            total = total / sizes.view(shape)
-        merged[key] = total.to(first.dtype)
-    return merged
-
-
-def _zip_axis(graph: UnitGraph, tensor: torch.Tensor, axis: int, entry, zips: Mapping, model: int) -> torch.Tensor:
-    """``tensor`` with axis ``axis`` summed into merged features (model ``model``'s assignment), part by part."""
-    from mergelab.merging.zipit import _merge_axis
-
-    if entry is None:
-        return tensor
-    parts, start, pieces = entry if isinstance(entry, tuple) else (entry,), 0, []
-    for part in parts:
-        n = graph.groups[part]
-        piece = tensor.narrow(axis, start, n)
-        if part in zips:
-            piece = _merge_axis(piece, axis, zips[part].model_assign(model), zips[part].units)
-        pieces.append(piece)
-        start += n
-    return torch.cat(pieces, axis) if len(pieces) > 1 else pieces[0]
