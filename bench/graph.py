@@ -7,8 +7,8 @@ Derive: for each model of the list (the four built-in families at their default 
 models of docs/graphs.md at 32x32), the median over ``--repeats`` of ``unit_graph(model)`` (``torch.export`` plus
 reading its graph), with ``torch.export`` alone as the baseline, so the ratio shows what reading the graph adds.
 Merge: with the checkpoints of ``bench/graph_digits.sh`` (``<trained>/<arch>/all/seed{0,1}``), the wall time of
-the plain average, permutation matching and OT fusion (weights; activations on 200 training-size random images) and,
-for graphs without heads, ZipIt! (features, matching, merged weights), each as a ratio to the plain average.
+``engine.merge`` (match, merged model) for the plain average, permutation matching and OT fusion (weights;
+activations on 200 random images) and ZipIt!, each as a ratio to the plain average.
 The machine is shared: read the ratios, not the seconds.
 """
 
@@ -18,19 +18,17 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from omegaconf import OmegaConf
 
+from mergelab.merging import engine
 from mergelab.merging.align import Permute
-from mergelab.merging.average import weighted_average
-from mergelab.merging.features import feature_stats
+from mergelab.merging.average import Average
 from mergelab.merging.otfusion import OTFusion
-from mergelab.merging.zipit import zip_groups, zip_states
+from mergelab.merging.zipit import ZipIt
 from mergelab.models import TimmModel, build_model, unit_graph
 from mergelab.population import load_model
-from mergelab.tasks.fuse import align_all
 
 CONF = Path(__file__).resolve().parents[1] / "conf" / "model"
 TIMM = {"test_resnet": {}, "test_convnext": {}, "test_efficientnet": {}, "test_vit": {"img_size": 32, "patch_size": 4},
@@ -74,19 +72,13 @@ def merge_table(trained: Path, repeats: int) -> list[str]:
             continue
         pair = [load_model(p)[0].eval() for p in paths]
         graph = unit_graph(pair[0])
-        states = [m.state_dict() for m in pair]
-        size = pair[0].input_size
-        images = torch.randn(200, *size, generator=torch.Generator().manual_seed(0))
-        data = SimpleNamespace(train_eval=[(images, torch.zeros(len(images)))])
-        methods = {"average": lambda: weighted_average(states)}
-        for merge in (Permute(alignment="weights"), Permute(alignment="activations", num_samples=200),
+        images = torch.randn(200, *pair[0].input_size, generator=torch.Generator().manual_seed(0))
+        batches = [(images, None)]
+        methods = {}
+        for merge in (Average(), Permute(alignment="weights"), Permute(alignment="activations", num_samples=200),
                       OTFusion(alignment="weights", solver="emd"),
-                      OTFusion(alignment="activations", solver="emd", num_samples=200)):
-            methods[f"{merge.name}-{merge.alignment}"] = (
-                lambda merge=merge: weighted_average(align_all(merge, graph, pair, states, 0, data, 0)))
-        if not graph.structured:
-            methods["zipit"] = lambda: zip_states(graph, states, zip_groups(
-                feature_stats(pair, graph, [(images, None)]), alpha=0.5, beta=0.5))
+                      OTFusion(alignment="activations", solver="emd", num_samples=200), ZipIt(num_samples=200)):
+            methods[merge.label] = lambda merge=merge: engine.merge(merge, pair, graph, batches)
         base = median_seconds(methods["average"], repeats)
         for method, function in methods.items():
             seconds = base if method == "average" else median_seconds(function, repeats)
