@@ -2,7 +2,7 @@
 # Regenerates the tables of docs/graphs.md: timm models with derived unit graphs, trained on digits at 32x32.
 # Trains two test_resnet (20 epochs) and two small ViTs (test_vit, 4x4 patches, AdamW, 50 epochs) from seeds 0 and 1
 # on all ten digits, and two test_resnet on digits 0-4 (seed 2) and 5-9 (seed 3); fuses each pair with permutation
-# matching and OT fusion (EMD; weights and activations; each also with BatchNorm statistics recomputed,
+# matching, OT fusion (EMD; weights and activations) and ZipIt! (each also with BatchNorm statistics recomputed,
 # +recompute_bn), zips the task pair (ZipIt! vs average and permute), then prints the markdown tables
 # (bench/graph_table.py). About 40 minutes on 2 shared CPU cores.
 # Run from the repository root: bash bench/graph_digits.sh   (GRAPH_OUT=<folder> to write elsewhere; extra
@@ -31,7 +31,9 @@ for arch in resnet vit; do
     merge.alignment=weights,activations progress=false "hydra.sweep.dir=$OUT/fuse/$arch/permute" "$@"
   python fuse.py --multirun "models=$OUT/$arch/all/*" dataset.image_size=32 merge=ot merge.solver=emd \
     merge.alignment=weights,activations progress=false "hydra.sweep.dir=$OUT/fuse/$arch/ot" "$@"
-  # ZipIt! merges features freely and would split attention heads: zip.py refuses ViTs in one line.
+  python fuse.py "models=$OUT/$arch/all/*" dataset.image_size=32 merge=zipit progress=false \
+    "hydra.run.dir=$OUT/fuse/$arch/zipit/0" "$@"
+  # zip.py cuts models with torch.fx, which cannot read a timm ViT: it refuses them in one line.
   [ $arch = vit ] || python zip.py "models=$OUT/$arch/tasks/*" dataset.image_size=32 progress=false \
     "hydra.run.dir=$OUT/zip/$arch" "$@"
 done

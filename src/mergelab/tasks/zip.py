@@ -59,8 +59,8 @@ def run(ctx: Context) -> dict:
     models = [load_model(p, ctx.device, cfg)[0].eval() for p in paths]
     graph = unit_graph(models[0])
     if graph.structured:
-        raise UserError(f"ZipIt! merges features freely, which would split the attention heads or norm groups of "
-                        f"{models[0].arch}; merge it with fuse.py merge=permute or merge=ot")
+        raise UserError(f"zip.py cuts models with torch.fx, which cannot read {models[0].arch} (attention heads, "
+                        "norm groups or concatenations); merge it with fuse.py merge=permute, ot or zipit")
     cuts = cut_points(models[0], graph)
     if cfg.list_layers:
         return {"task": "zip", "metrics": {}, "table": cut_table(cuts, graph)}
