@@ -130,14 +130,15 @@ def test_float32_features_give_the_float64_groupings(digits_pair):
 def test_writers_last_reads_a_stream_where_it_leaves_its_stage(digits_pair):
     models, batches = digits_pair
     graph = unit_graph(models[0])
-    last = feature_stats(models, graph, batches, groups=["stream1", "layer1.0.conv1"], writers="last")
-    every = feature_stats(models, graph, batches, groups=["stream1", "layer1.0.conv1"], writers="all")
+    stream1 = graph.axes["conv1.weight"][0]  # stage 1's residual stream, named after the stem that writes it
+    last = feature_stats(models, graph, batches, groups=[stream1, "layer1.0.conv1"], writers="last")
+    every = feature_stats(models, graph, batches, groups=[stream1, "layer1.0.conv1"], writers="all")
     positions = sum(len(x) for x, _ in batches) * 8 * 8
-    assert last["stream1"].count == positions and every["stream1"].count == 4 * positions  # stem + 3 blocks
+    assert last[stream1].count == positions and every[stream1].count == 4 * positions  # stem + 3 blocks
     assert last["layer1.0.conv1"].count == every["layer1.0.conv1"].count == positions  # one writer: the same
     torch.testing.assert_close(last["layer1.0.conv1"].outer, every["layer1.0.conv1"].outer)
     captured = []
-    handles = [m.get_submodule(graph.hooks["stream1"][-1]).register_forward_hook(
+    handles = [m.get_submodule(graph.hooks[stream1][-1]).register_forward_hook(
         lambda module, i, out: captured.append(out.movedim(1, -1).reshape(-1, out.shape[1]))) for m in models]
     with torch.no_grad():
         for x, _ in batches:
@@ -146,7 +147,7 @@ def test_writers_last_reads_a_stream_where_it_leaves_its_stage(digits_pair):
     for handle in handles:
         handle.remove()
     exit_features = torch.cat([torch.cat(captured[2 * b:2 * b + 2], 1) for b in range(len(batches))]).double()
-    torch.testing.assert_close(last["stream1"].mean, exit_features.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(last[stream1].mean, exit_features.mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_rule_or_reading_is_a_user_error(digits_pair):
