@@ -18,8 +18,10 @@ from mergelab.models.graph import Group, Layer
 
 def correction_points(layers: Sequence[Layer]) -> list[Layer]:
     """Where REPAIR renormalises: each layer's last affine step before its nonlinearity or residual addition,
-    i.e. every norm layer, and every linear/conv layer not directly followed by its norm."""
+    i.e. every norm layer, and every linear/conv layer not directly followed by its norm (per-channel ``scale``
+    parameters such as layer scale or position embeddings are no layer of their own to renormalise)."""
     points = []
+    layers = [layer for layer in layers if layer.kind != "scale"]
     for layer, following in itertools.zip_longest(layers, layers[1:]):
         if layer.kind == "bn":
             points.append(layer)
