@@ -214,7 +214,7 @@ def test_partial_zip_has_one_head_per_task_on_a_shared_trunk():
     assert all(not torch.allclose(a, b) for a, b in zip(outputs, zipped.forward_tasks(x)))
     # Each head is its model's remaining layers: fed that model's own trunk output, it gives the model's output.
     for model, head in zip(models, zipped.heads):
-        own_trunk, _ = split_at(model, cut.hook)
+        own_trunk, _ = split_at(model, cut)
         unzipped = merge_models([model], graph, {g: Zip(torch.arange(n), 1, n) for g, n in graph.groups.items()},
                                 cut)
         assert torch.allclose(unzipped.heads[0](own_trunk(x)), model(x))
@@ -239,7 +239,7 @@ def test_repair_gives_merged_units_the_average_statistics_of_their_members():
     zips = zip_groups(feature_stats(models, graph, batches), alpha=0.5, beta=0.5)
     cut = cut_points(models[0], graph)[-1]
     zipped, inside = merge_models(models, graph, zips, cut), merged_layers(models[0], graph, cut)
-    engine.correct(zipped, "repair", models, inside, zips, batches)
+    engine.correct(zipped, "repair", models, inside, zips, batches, graph=graph)
     points = correction_points(inside)
     assert {p.kind for p in points} == {"bn"} and len(points) == sum(1 for layer in inside if layer.kind == "bn")
     names = [p.name for p in points]

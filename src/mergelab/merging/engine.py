@@ -297,7 +297,7 @@ def trunk_graph(graph: UnitGraph, layers: Sequence[Layer]) -> UnitGraph:
 
 def merged_layers(model: nn.Module, graph: UnitGraph, cut: Cut | None) -> list[Layer]:
     """The layers a merge with depth ``cut`` merges: all (``None``), or those before the cut."""
-    return list(graph.layers) if cut is None else trunk_layers(graph, split_at(model, cut.hook)[0])[0]
+    return list(graph.layers) if cut is None else trunk_layers(graph, split_at(model, cut)[0])[0]
 
 
 def merge_models(models: Sequence[nn.Module], graph: UnitGraph, transforms: Mapping[Group, Transform],
@@ -319,25 +319,25 @@ def merge_models(models: Sequence[nn.Module], graph: UnitGraph, transforms: Mapp
     for i, (model, state) in enumerate(zip(models, states)):
         tail_source = copy.deepcopy(model)
         tail_source.load_state_dict(unmerge_inputs(outside, graph, state, transforms, i), strict=False)
-        tails.append(split_at(tail_source, cut.hook)[1])
-    return MultiHead(split_at(merged, cut.hook)[0], tails)
+        tails.append(split_at(tail_source, cut)[1])
+    return MultiHead(split_at(merged, cut)[0], tails)
 
 
 # ------------------------------------------------------------------------------------------------ correct
 
 
 def correct(model: nn.Module, correction: str, parents: Sequence[nn.Module], layers: Sequence[Layer],
-            transforms: Mapping[Group, Transform], batches: Iterable, weights: Sequence[float] | None = None
-            ) -> nn.Module:
+            transforms: Mapping[Group, Transform], batches: Iterable, weights: Sequence[float] | None = None,
+            *, graph: UnitGraph) -> nn.Module:
     """``model`` corrected in place: ``none``; ``recompute_bn``: BatchNorm statistics recomputed on ``batches``;
     ``repair``: REPAIR at the correction points of the merged ``layers`` (:func:`mergelab.merging.repair.repair`),
-    targets the merged parents' statistics."""
+    targets the merged parents' statistics, each layer's output read on its channel axis in ``graph``."""
     if correction == "recompute_bn":
         return recompute_bn(model, batches)
     if correction == "repair":
         trunk = model.trunk if isinstance(model, MultiHead) else model
         return repair(model, trunk, parents, [layer for layer in layers if layer.out_group in transforms],
-                      lambda group, values: merge_tensors(transforms[group], values, weights), batches)
+                      lambda group, values: merge_tensors(transforms[group], values, weights), batches, graph)
     if correction != "none":
         raise UserError(f"merge.correction={correction} is not one of {', '.join(CORRECTIONS)}")
     return model
@@ -385,7 +385,8 @@ def merge(method: Method, models: Sequence[nn.Module], graph: UnitGraph, batches
     ``weights``, then ``correction`` on ``batches`` (an iterable that can be read more than once)."""
     transforms = match(method, models, graph, batches, anchor=anchor, cut=cut)
     merged = merge_models(models, graph, transforms, cut, weights)
-    return correct(merged, correction, models, merged_layers(models[0], graph, cut), transforms, batches, weights)
+    return correct(merged, correction, models, merged_layers(models[0], graph, cut), transforms, batches, weights,
+                   graph=graph)
 
 
 def tail_ensemble(model: nn.Module) -> nn.Module:

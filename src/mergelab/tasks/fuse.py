@@ -93,7 +93,7 @@ def run(ctx: Context) -> dict:
             start = time.perf_counter()
             corrected = engine.correct(copy.deepcopy(merged), correction, models,
                                        engine.merged_layers(models[0], graph, cut), transforms, data.train_eval,
-                                       weights)
+                                       weights, graph=graph)
             label = m.label if correction == "none" else f"{m.label}+{correction}"
             table.append(row(label, engine.tail_ensemble(corrected), data, seconds + time.perf_counter() - start))
             merges[m.label][1][label] = corrected

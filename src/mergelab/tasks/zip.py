@@ -58,9 +58,6 @@ def run(ctx: Context) -> dict:
     paths, metas = population(cfg)
     models = [load_model(p, ctx.device, cfg)[0].eval() for p in paths]
     graph = unit_graph(models[0])
-    if graph.structured:
-        raise UserError(f"zip.py cuts models with torch.fx, which cannot read {models[0].arch} (attention heads, "
-                        "norm groups or concatenations); merge it with fuse.py merge=permute, ot or zipit")
     cuts = cut_points(models[0], graph)
     if cfg.list_layers:
         return {"task": "zip", "metrics": {}, "table": cut_table(cuts, graph)}
@@ -97,7 +94,8 @@ def run(ctx: Context) -> dict:
         layers = engine.merged_layers(models[0], graph, cut)
         # Without BatchNorm, recomputing its statistics is the identity: no row for it.
         for correction in (c for c in corrections if c != "recompute_bn" or has_batchnorm(merged)):
-            corrected = engine.correct(copy.deepcopy(merged), correction, models, layers, transforms, merge_data)
+            corrected = engine.correct(copy.deepcopy(merged), correction, models, layers, transforms, merge_data,
+                                       graph=graph)
             table.append(score(label if correction == "none" else f"{label}+{correction}", corrected,
                                list(range(len(models))), cut))
         if m is method and cut == depths[0]:
