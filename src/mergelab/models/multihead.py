@@ -103,7 +103,7 @@ class _Tracer(torch.fx.Tracer):
         # fx wraps the registered functions in the globals of the root's code and of modules it calls as modules;
         # a wrapper calling ``net.forward_features(x)`` as a method needs its wrapped model's globals too.
         if isinstance(root, nn.Module):
-            self._autowrap_search = [*self._autowrap_search,
+            self._autowrap_search = [*getattr(self, "_autowrap_search", []),
                                      *{sys.modules[type(m).__module__] for m in root.modules()}]
         return super().trace(root, concrete_args)
 
@@ -150,9 +150,11 @@ def _called(model: nn.Module, hook: str, position: Mapping[str, int]) -> str:
     outputs = {}
     handles = [model.get_submodule(name).register_forward_hook(
         lambda m, i, out, name=name: outputs.setdefault(name, out)) for name in (hook, owner)]
+    was_training = model.training
     try:
-        model(_example_input(model))
+        model.eval()(_example_input(model))  # eval: no BatchNorm statistics move
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     inner, outer = outputs.get(hook), outputs.get(owner)
