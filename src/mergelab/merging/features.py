@@ -85,43 +85,67 @@ class FeatureStats:
 class _Accumulator:
     """Running ``count``, ``sum`` and ``Σ fᵀf`` of one group, on the features' device.
 
-    Each chunk of about ``CHUNK_ROWS`` samples (whole images) is written once into a units-major (M*n, samples)
-    buffer (the models' units stacked; a conv map's positions copied in contiguous runs), centred on the way by a
-    fixed shift (the first chunk's mean, so ReLU features whose mean is large next to their spread lose no digits to
-    cancellation), and multiplied as ``X Xᵀ`` (:func:`_gram`). float64 features stay float64; any other precision is
-    multiplied in float32 and each chunk's result added into float64 totals: float32 runs at twice float64's speed
-    on CPU (far more on GPU), and ZipIt!'s groupings are those of float64 accumulation (tests/test_zipit_fidelity.py).
-    Only the upper triangle of ``Σ fᵀf`` is accumulated; :meth:`stats` mirrors it.
+    The features of each batch are written into one units-major (M*n, samples) block of about ``CHUNK_ROWS``
+    samples (whole images; the models' units stacked, a conv map's positions copied in contiguous runs), centred on
+    the way by a fixed shift (the first batch's mean, so ReLU features whose mean is large next to
+    their spread lose no digits to cancellation). A full block is multiplied as ``X Xᵀ`` (:func:`_gram`) and
+    refilled, so the pass allocates nothing per batch. Under the features lies a row of ones: the last column of the
+    product is then their sum, so no pass of its own sums them. float64 features stay float64; any other precision
+    is multiplied in float32 and each block's result added into float64 totals: float32 runs at twice float64's
+    speed on CPU (far more on GPU), and ZipIt!'s groupings are those of float64 accumulation
+    (tests/test_zipit_fidelity.py). Only the upper triangle of ``Σ fᵀf`` is accumulated; :meth:`stats` mirrors it.
     """
 
     def __init__(self, width: int, device: torch.device):
-        self.count = 0
+        self.width, self.count, self.filled = width, 0, 0
         self.shift: torch.Tensor | None = None
-        self.sum = torch.zeros(width, dtype=torch.float64, device=device)
-        self.upper = torch.zeros(width, width, dtype=torch.float64, device=device)
+        self.block: torch.Tensor | None = None
+        self.upper = torch.zeros(width + 1, width + 1, dtype=torch.float64, device=device)
 
     def add(self, per_model: Sequence[torch.Tensor]) -> None:
         """One batch: every model's features of the group (samples on dim 0, units on dim 1), models in order."""
         first = per_model[0]
-        positions = first[0].numel() // first.shape[1]  # samples per image (a conv map's positions)
-        step = max(1, CHUNK_ROWS // positions)
-        for start in range(0, first.shape[0], step):
-            chunk = [f[start:start + step] for f in per_model]
-            if self.shift is None:
-                self.shift = torch.cat([_unit_means(f) for f in chunk])[:, None]
-            joined = _units_major(chunk, self.shift)
-            self.count += joined.shape[1]
-            self.sum += joined.sum(1).double()
-            self.upper += _gram(joined).double()
+        units, positions = first.shape[1], first[0].numel() // first.shape[1]  # a conv map's positions per image
+        if self.block is None:
+            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+            self.block = torch.empty(self.width + 1, max(1, CHUNK_ROWS // positions) * positions, dtype=dtype,
+                                     device=first.device)
+            self.block[-1] = 1
+        start = 0
+        while start < len(first):
+            images = min(len(first) - start, (self.block.shape[1] - self.filled) // positions)
+            if images == 0:
+                self._multiply()
+                continue
+            columns = slice(self.filled, self.filled + images * positions)
+            shift = self.shift if self.shift is not None else self.block.new_zeros(self.width, 1)
+            for i, f in enumerate(per_model):
+                rows = slice(i * units, (i + 1) * units)
+                torch.sub(f[start:start + images].reshape(images, units, positions).transpose(0, 1),
+                          shift[rows, :, None], out=self.block[rows, columns].view(units, images, positions))
+            if self.shift is None:  # the first images, written as they are, gives the shift and is centred in place
+                self.shift = self.block[:-1, columns].mean(1, keepdim=True)
+                self.block[:-1, columns] -= self.shift
+            self.filled = columns.stop
+            start += images
+
+    def _multiply(self) -> None:
+        block = self.block if self.filled == self.block.shape[1] else self.block[:, :self.filled].contiguous()
+        self.upper += _gram(block)  # float32 into the float64 totals, no temporary
+        self.count += self.filled
+        self.filled = 0
 
     def stats(self, num_models: int, units: int) -> FeatureStats:
-        """The uncentred moments, ``Σ (c+s)(c+s)ᵀ = Σ ccᵀ + s (Σ c)ᵀ + (Σ c) sᵀ + count s sᵀ``, in float64."""
+        """The uncentred moments, ``Σ (c+s)(c+s)ᵀ = Σ ccᵀ + s (Σ c)ᵀ + (Σ c) sᵀ + count s sᵀ``, in float64, from
+        the products' upper triangle (``Σ ccᵀ``, and ``Σ c`` in the last column)."""
+        if self.filled:
+            self._multiply()
         shift = self.shift.squeeze(1).double()
-        upper = self.upper.triu()
+        upper = self.upper[:-1, :-1].triu()
         centred = upper + upper.triu(1).T
-        outer = centred + torch.outer(shift, self.sum) + torch.outer(self.sum, shift) \
-            + self.count * torch.outer(shift, shift)
-        return FeatureStats(num_models, units, self.count, self.sum + self.count * shift, outer)
+        total = self.upper[:-1, -1]
+        outer = centred + torch.outer(shift, total) + torch.outer(total, shift) + self.count * torch.outer(shift, shift)
+        return FeatureStats(num_models, units, self.count, total + self.count * shift, outer)
 
 
 def _gram(x: torch.Tensor) -> torch.Tensor:
@@ -131,26 +155,6 @@ def _gram(x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dtype == torch.float32:
         return torch.from_numpy(ssyrk(1.0, x.numpy().T, trans=1))
     return x @ x.T
-
-
-def _units_major(features: Sequence[torch.Tensor], shift: torch.Tensor) -> torch.Tensor:
-    """The models' features (units on dim 1) minus ``shift`` (M*n, 1) as one fresh (M*n, samples) matrix in float32
-    (float64 if they are), written in one pass: ``(torch.cat([as_samples(f) for f in features], 1) - shift.T).T``
-    without its intermediates."""
-    first = features[0]
-    samples, units = first.shape[0], first.shape[1]
-    joined = torch.empty(len(features) * units, first.numel() // units, dtype=shift.dtype, device=first.device)
-    for i, f in enumerate(features):
-        rows = slice(i * units, (i + 1) * units)
-        torch.sub(f.reshape(samples, units, -1).transpose(0, 1), shift[rows, :, None],
-                  out=joined[rows].view(units, samples, -1))
-    return joined
-
-
-def _unit_means(features: torch.Tensor) -> torch.Tensor:
-    """Mean of every unit (dim 1) over samples and positions, in float32 (float64 if the features are)."""
-    dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
-    return features.to(dtype).mean([d for d in range(features.ndim) if d != 1])
 
 
 def as_samples(features: torch.Tensor, dim: int = 1) -> torch.Tensor:
