@@ -85,10 +85,10 @@ class FeatureStats:
 class _Accumulator:
     """Running ``count``, ``sum`` and ``Σ fᵀf`` of one group, on the features' device.
 
-    The features of each batch are written into one units-major (M*n, samples) block of about ``CHUNK_ROWS``
-    samples (whole images; the models' units stacked, a conv map's positions copied in contiguous runs), centred on
-    the way by a fixed shift (the first batch's mean, so ReLU features whose mean is large next to
-    their spread lose no digits to cancellation). A full block is multiplied as ``X Xᵀ`` (:func:`_gram`) and
+    Each batch's features are written into one units-major (M*n, samples) block of about ``CHUNK_ROWS`` samples
+    (whole images; the models' units stacked, a conv map's positions copied in contiguous runs), centred on the way
+    by a fixed shift (the mean of the first images written, so ReLU features whose mean is large next to their
+    spread lose no digits to cancellation). A full block is multiplied as ``X Xᵀ`` (:func:`_gram`) and
     refilled, so the pass allocates nothing per batch. Under the features lies a row of ones: the last column of the
     product is then their sum, so no pass of its own sums them. float64 features stay float64; any other precision
     is multiplied in float32 and each block's result added into float64 totals: float32 runs at twice float64's
@@ -106,13 +106,13 @@ class _Accumulator:
         """One batch: every model's features of the group (samples on dim 0, units on dim 1), models in order."""
         first = per_model[0]
         units, positions = first.shape[1], first[0].numel() // first.shape[1]  # a conv map's positions per image
-        if self.block is None:
-            dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
-            self.block = torch.empty(self.width + 1, max(1, CHUNK_ROWS // positions) * positions, dtype=dtype,
-                                     device=first.device)
-            self.block[-1] = 1
         start = 0
         while start < len(first):
+            if self.block is None or (not self.filled and self.block.shape[1] < positions):  # (a larger map)
+                dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+                self.block = torch.empty(self.width + 1, max(1, CHUNK_ROWS // positions) * positions, dtype=dtype,
+                                         device=first.device)
+                self.block[-1] = 1
             images = min(len(first) - start, (self.block.shape[1] - self.filled) // positions)
             if images == 0:
                 self._multiply()
