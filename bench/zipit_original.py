@@ -22,7 +22,8 @@ softmax over its own task's classes and the most probable class over all heads i
         choices (``writers=all``, ``budget_rule=members``), test joint accuracy (%)
     ... --timing [--repeats 5]
         time of feature collection + matching of a full zip, both sides, against a plain forward pass of both
-        models over the same batches (the floor), median over repeats, as ratios measured in the same run
+        models over the same batches (the floor), median over repeats, as ratios measured in the same run; wall
+        time and this process's CPU time (steadier on a shared machine); torch and BLAS on one thread
     ... --grid
         validation joint accuracy of mergelab's ZipIt! over a small (alpha, beta) grid (choosing the defaults;
         never on test)
@@ -43,6 +44,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from mergelab.data import build_data
@@ -229,50 +231,56 @@ def timing(args, orig, models, batches) -> None:
     graph = unit_graph(models[0])
     twins = [original_model(orig, m) for m in models]
     alpha, beta = args.alpha, args.beta
-    floor, theirs, ours = [], [], []
-    parts = {"orig_features": [], "orig_matching": [], "features": [], "matching": []}
+    wall = {name: [] for name in ("floor", "orig_features", "orig_matching", "features", "matching")}
+    cpu = {name: [] for name in wall}  # this process's CPU time: steadier than wall time on a shared machine
+
+    def clock():
+        return time.perf_counter(), time.process_time()
+
+    def record(name, since):
+        now = clock()
+        wall[name].append(now[0] - since[0])
+        cpu[name].append(now[1] - since[1])
+        return now
+
     for _ in range(args.repeats):
-        start = time.perf_counter()
+        start = clock()
         with torch.inference_mode():  # the cheapest plain forward: no autograd bookkeeping
             for x, _ in batches:
                 for model in models:
                     model(x)
-        floor.append(time.perf_counter() - start)
+        record("floor", start)
 
         merge = orig.merger.ModelMerge(*[orig.graph.resnet20(copy.deepcopy(t)).graphify() for t in twins],
                                        device="cpu")
         metric_classes = {c.name: c for c in (orig.metrics.CovarianceMetric, orig.metrics.MeanMetric)}
-        start = time.perf_counter()
+        start = clock()
         merge.compute_metrics([batches], metric_classes=metric_classes)
-        middle = time.perf_counter()
+        middle = record("orig_features", start)
         merge.compute_transformations(orig.matching.match_tensors_zipit, reduce_ratio=0.5, a=alpha, b=beta)
-        end = time.perf_counter()
+        record("orig_matching", middle)
         merge.clear_hooks()
-        theirs.append(end - start)
-        parts["orig_features"].append(middle - start)
-        parts["orig_matching"].append(end - middle)
 
-        start = time.perf_counter()
+        start = clock()
         stats = feature_stats(models, graph, batches, writers=args.writers)
-        middle = time.perf_counter()
+        middle = record("features", start)
         zip_groups(stats, alpha=alpha, beta=beta)
-        end = time.perf_counter()
-        ours.append(end - start)
-        parts["features"].append(middle - start)
-        parts["matching"].append(end - middle)
+        record("matching", middle)
     med = statistics.median
     images = sum(len(x) for x, _ in batches)
     print(f"{len(batches)} batches, {images} images, 2 models, alpha={alpha} beta={beta}, writers={args.writers}, "
-          f"torch threads={torch.get_num_threads()}, {args.repeats} repeats (median s)")
-    print(f"floor (plain forward of both models, inference mode) {med(floor):.2f} s")
-    print(f"original: features {med(parts['orig_features']):.2f} s + matching {med(parts['orig_matching']):.2f} s "
-          f"= {med(theirs):.2f} s")
-    print(f"mergelab: features {med(parts['features']):.2f} s + matching {med(parts['matching']):.2f} s "
-          f"= {med(ours):.2f} s")
-    ratios = [t / o for t, o in zip(theirs, ours)]
-    print(f"original / mergelab: {med(ratios):.2f} (per repeat: {' '.join(f'{r:.2f}' for r in ratios)})")
-    print(f"mergelab / floor: {med([o / f for o, f in zip(ours, floor)]):.2f}; "
-          f"original / floor: {med([t / f for t, f in zip(theirs, floor)]):.2f}")
+          f"torch and BLAS threads=1, {args.repeats} repeats (median s)")
+    for label, times in (("wall", wall), ("CPU", cpu)):
+        theirs = [f + m for f, m in zip(times["orig_features"], times["orig_matching"])]
+        ours = [f + m for f, m in zip(times["features"], times["matching"])]
+        ratios = [t / o for t, o in zip(theirs, ours)]
+        print(f"{label} time: floor (plain forward of both models, inference mode) {med(times['floor']):.2f} s; "
+              f"original: features {med(times['orig_features']):.2f} s + matching {med(times['orig_matching']):.2f} "
+              f"s = {med(theirs):.2f} s; mergelab: features {med(times['features']):.2f} s + matching "
+              f"{med(times['matching']):.2f} s = {med(ours):.2f} s")
+        print(f"  original / mergelab: {med(ratios):.2f} (per repeat: {' '.join(f'{r:.2f}' for r in ratios)}); "
+              f"mergelab / floor: {med([o / f for o, f in zip(ours, times['floor'])]):.2f}; "
+              f"original / floor: {med([t / f for t, f in zip(theirs, times['floor'])]):.2f}")
 
 
 def grid(args, models, tasks, batches) -> None:
@@ -322,6 +330,7 @@ def main() -> None:
               "(git clone https://github.com/gstoica27/ZipIt /tmp/zipit_orig)")
         return
     torch.set_num_threads(1)
+    threadpool_limits(1)  # scipy's BLAS (mergelab's ssyrk) on one thread too, as torch
     torch.manual_seed(0)
     paths, models, tasks = load_pair(args.models)
     batches = list(RoundRobin([task.train_eval for task in tasks]))
