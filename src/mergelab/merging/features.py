@@ -123,7 +123,7 @@ class _Accumulator:
                 rows = slice(i * units, (i + 1) * units)
                 torch.sub(f[start:start + images].reshape(images, units, positions).transpose(0, 1),
                           shift[rows, :, None], out=self.block[rows, columns].view(units, images, positions))
-            if self.shift is None:  # the first images, written as they are, gives the shift and is centred in place
+            if self.shift is None:  # the first images, written as they are, give the shift and are centred in place
                 self.shift = self.block[:-1, columns].mean(1, keepdim=True)
                 self.block[:-1, columns] -= self.shift
             self.filled = columns.stop
