@@ -24,6 +24,11 @@ def predict(model: nn.Module, batches: Batches) -> tuple[torch.Tensor, torch.Ten
     return torch.cat(logits), torch.cat(labels)
 
 
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy (%) of ``logits`` against ``labels``."""
+    return (logits.argmax(1) == labels).double().mean().item() * 100
+
+
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """Accuracy (%) and mean cross-entropy."""
     return {

@@ -21,7 +21,7 @@ from torch import nn
 
 from mergelab.data import Data, build_data
 from mergelab.errors import UserError
-from mergelab.evaluation import has_batchnorm, predict, recompute_bn
+from mergelab.evaluation import accuracy, has_batchnorm, predict, recompute_bn
 from mergelab.merging import soups
 from mergelab.merging import task_vectors as tv
 from mergelab.metrics import metric_key
@@ -159,10 +159,6 @@ def build_tasks(population, dataset_cfg: DictConfig, seed: int, batch_size: int,
     options = OmegaConf.merge(dataset_cfg, {"classes": union, "domain": None})
     return tasks, (joint, build_data(options, batch_size=batch_size, eval_batch_size=batch_size, seed=seed,
                                      device=device))
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return (logits.argmax(1) == labels).double().mean().item() * 100
 
 
 SPLITS = ("val", "test", "joint_val", "joint_test")

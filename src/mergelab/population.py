@@ -156,12 +156,6 @@ def open_population(specs: str | Iterable[str], cfg: DictConfig | None = None, *
     return [open_member(path, cfg) for path in paths]
 
 
-def load_population(specs: str | Iterable[str], cfg: DictConfig | None = None, *, which: str = "last",
-                    minimum: int = 1, what: str = "merge") -> list[tuple[str, dict[str, torch.Tensor], dict]]:
-    """``[(name, state_dict, meta), ...]`` of every member of :func:`open_population`, loaded into memory."""
-    return [(m.name, m.state(), m.meta) for m in open_population(specs, cfg, which=which, minimum=minimum, what=what)]
-
-
 # ------------------------------------------------------------------------------------------ foreign checkpoints
 def foreign_meta(path: Path, cfg: DictConfig | None) -> dict:
     """Metadata for weights written elsewhere: the architecture named by ``cfg.model``, the input and output shape

@@ -213,7 +213,9 @@ def _run(cfg: DictConfig) -> float | list[float] | None:
     results = task.run(ctx)
     if ctx.logger:
         ctx.logger.close()
-    if not distributed.is_main():
+    main = distributed.is_main()
+    distributed.teardown()  # every rank is past its last collective; torch warns about a group left open
+    if not main:
         return None  # results.json, the table and the objective are rank 0's
     results["time_s"] = time.perf_counter() - start
     results["config"] = OmegaConf.to_container(cfg, resolve=True)

@@ -24,7 +24,7 @@ from torch import nn
 from mergelab.checkpoints import load_checkpoint, save_checkpoint
 from mergelab.data import build_data
 from mergelab.errors import UserError
-from mergelab.evaluation import has_batchnorm, predict, recompute_bn
+from mergelab.evaluation import accuracy, has_batchnorm, predict, recompute_bn
 from mergelab.merging import soups
 from mergelab.merging import task_vectors as tv
 from mergelab.metrics import metric_key
@@ -219,14 +219,10 @@ def cache_dir(ctx: Context) -> Path:
 def selection_score(logits: torch.Tensor, labels: torch.Tensor, metric: str) -> float:
     """Higher is better: accuracy (%), macro-F1 (%) or the negative mean cross-entropy."""
     if metric == "acc":
-        return (logits.argmax(1) == labels).double().mean().item() * 100
+        return accuracy(logits, labels)
     if metric == "f1":
         return float(f1_score(labels.cpu().numpy(), logits.argmax(1).cpu().numpy(), average="macro") * 100)
     return -F.cross_entropy(logits.float(), labels).item()
-
-
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return selection_score(logits, labels, "acc")
 
 
 class Scorer:
